@@ -1,0 +1,46 @@
+# Two commands do everything on a fresh machine: `make quickstart` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+# torch first, pinned: on CPU machines torch==2.13.0 is a local CPU wheel; an open range pulls a multi-GB CUDA build.
+TORCH_PIN ?= torch==2.13.0
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: quickstart test install install-test browser dpo-quickstart bench clean
+
+$(VENV)/.installed: pyproject.toml
+	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q $(TORCH_PIN)
+	$(PIP) install -q -e .
+	touch $@
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed-test: $(VENV)/.installed
+	$(PIP) install -q -e '.[test,app]'
+	touch $@
+
+install-test: $(VENV)/.installed-test browser
+
+# Debian's chromium for the browser tests (Playwright drives it through executable_path; no browser download).
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	  else sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; fi; }
+
+quickstart: install
+	$(VENV)/bin/yulan-tune quickstart
+
+dpo-quickstart: install
+	$(VENV)/bin/yulan-tune quickstart --dpo
+
+test: install-test
+	$(PY) -m pytest -q
+
+bench: install-test
+	$(PY) benchmarks/sft_throughput.py
+
+clean:
+	rm -rf outputs .pytest_cache
