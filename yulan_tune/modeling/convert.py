@@ -84,7 +84,10 @@ def _build(model_class: type[PreTrainedModel], config, state_dict: dict[str, tor
     model.load_state_dict(state_dict, strict=True, assign=True)
     if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()
-    model.config.dtype = next(iter(state_dict.values())).dtype
+    first = next(iter(state_dict.values()))
+    model.config.dtype = first.dtype
+    if not first.is_meta:
+        model.to(first.device)  # the buffers were created on the CPU
     return model.eval()
 
 

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
-from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PreTrainedConfig, PreTrainedModel
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, GenerationMixin, PreTrainedConfig, PreTrainedModel
 from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.masking_utils import create_causal_mask
@@ -110,7 +110,8 @@ class YuLanMiniConfig(PreTrainedConfig):
     # WeSaR scalars (1.6): initial values; the learned values live in the state dict
     wesar_weights: bool = True
     use_norm_alpha: bool = True
-    use_emb_alpha: bool = False  # the reference never creates an embedding scalar, whatever this says (1.6)
+    # the reference's embedding scalar is the constant 1 whatever these two say (1.3.1, 1.6); kept for loading
+    use_emb_alpha: bool = False
     embed_tokens_alpha: float = 1.0
     q_proj_alpha: float = _RUN_M_WIDTH**-0.5
     k_proj_alpha: float = _RUN_M_WIDTH**-0.5
@@ -282,8 +283,6 @@ class YuLanMiniMLP(nn.Module):
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
         self.down_proj.mup_init_role = "residual_output"  # read by _init_weights (1.5)
-        if config.hidden_act != "silu":
-            raise ValueError(f"yulanmini uses SwiGLU (hidden_act 'silu'), got hidden_act={config.hidden_act!r}")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -392,6 +391,8 @@ def _check_supported(config: YuLanMiniConfig) -> None:
         "use_sliding_window": config.use_sliding_window,
         "rms_type": config.rms_type != "llama",
     }
+    if config.hidden_act != "silu":
+        raise ValueError(f"yulanmini's MLP is SwiGLU (hidden_act 'silu'), got hidden_act={config.hidden_act!r}")
     enabled = [name for name, on in unsupported.items() if on]
     if enabled:
         raise NotImplementedError(
@@ -538,6 +539,7 @@ class YuLanMiniForCausalLM(YuLanMiniPreTrainedModel, GenerationMixin):
 # Registered on import (yulan_tune/__init__.py imports this module), so AutoModelForCausalLM.from_pretrained loads
 # yulanmini checkpoints, the reference's included, without trust_remote_code.
 AutoConfig.register(YuLanMiniConfig.model_type, YuLanMiniConfig, exist_ok=True)
+AutoModel.register(YuLanMiniConfig, YuLanMiniModel, exist_ok=True)
 AutoModelForCausalLM.register(YuLanMiniConfig, YuLanMiniForCausalLM, exist_ok=True)
 
 __all__ = [
