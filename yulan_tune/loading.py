@@ -1,0 +1,136 @@
+"""Load YuLan models and tokenizers from a hub id or a local directory, the same way everywhere in the SDK.
+
+Guarantees: the chat template is the model's own when its tokenizer has one, else the canonical YuLan-Mini-Instruct
+template; the pad token is never the end-of-sequence / end-of-turn token (training would otherwise stop learning to
+end turns); a model that cannot be found offline fails with one line that says what was looked for and what to do.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from yulan_tune.paths import CHAT_TEMPLATE_DIR
+
+DEFAULT_CHAT_TEMPLATE = CHAT_TEMPLATE_DIR / "yulan_mini_instruct.jinja"
+YULAN_SYSTEM_PROMPT = "You are YuLan-Mini, created by RUC AI Box. You are a helpful assistant."
+# YuLan-Mini's pad token and id (yulan_reference.md section 6)
+YULAN_PAD_TOKEN = "<pad>"
+
+
+class ModelNotFoundError(FileNotFoundError):
+    pass
+
+
+def _not_found(name_or_path: str | os.PathLike, cause: Exception) -> ModelNotFoundError:
+    return ModelNotFoundError(
+        f"could not load {str(name_or_path)!r}: no such local directory, and the hub is not reachable or has no such "
+        f"repo ({type(cause).__name__}). Pass a local model directory (e.g. `yulan-tune tiny --out DIR` builds the "
+        f"offline tiny YuLan), or download it where the hub is reachable: "
+        f"`huggingface-cli download {name_or_path} --local-dir DIR`."
+    )
+
+
+def read_chat_template(name_or_path: str | os.PathLike) -> str:
+    """A template given as a path to a .jinja file, or one of the names in chat_templates/ (without .jinja)."""
+    path = Path(name_or_path)
+    if not path.exists():
+        path = CHAT_TEMPLATE_DIR / f"{name_or_path}.jinja"
+    if not path.exists():
+        known = sorted(p.stem for p in CHAT_TEMPLATE_DIR.glob("*.jinja"))
+        raise FileNotFoundError(f"chat template {str(name_or_path)!r} not found (a .jinja path or one of {known})")
+    return path.read_text(encoding="utf-8")
+
+
+def load_tokenizer(
+    name_or_path: str | os.PathLike,
+    *,
+    chat_template: str | os.PathLike | None = None,
+    trust_remote_code: bool = False,
+    **kwargs: Any,
+) -> PreTrainedTokenizerBase:
+    """Tokenizer with a chat template and a pad token distinct from eos / <|eot_id|>.
+
+    `chat_template` (a name in chat_templates/ or a .jinja path) overrides; otherwise the tokenizer's own template
+    wins and the YuLan-Mini-Instruct template is the fallback.
+    """
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(name_or_path), trust_remote_code=trust_remote_code, **kwargs)
+    except OSError as error:
+        raise _not_found(name_or_path, error) from error
+    if chat_template is not None:
+        tokenizer.chat_template = read_chat_template(chat_template)
+    elif not tokenizer.chat_template:
+        tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE.read_text(encoding="utf-8")
+    end_ids = {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|eot_id|>")} - {None, tokenizer.unk_token_id}
+    if tokenizer.pad_token_id is None or tokenizer.pad_token_id in end_ids:
+        if YULAN_PAD_TOKEN in tokenizer.get_vocab():
+            tokenizer.pad_token = YULAN_PAD_TOKEN
+        else:  # a non-YuLan tokenizer without a usable pad: add one rather than reuse eos
+            tokenizer.add_special_tokens({"pad_token": YULAN_PAD_TOKEN})
+    return tokenizer
+
+
+def quantization_config(quantization: str | None, compute_dtype: torch.dtype) -> Any:
+    if quantization is None:
+        return None
+    from transformers import BitsAndBytesConfig
+
+    if quantization == "4bit":  # QLoRA: NF4 with double quantization (Dettmers et al. 2023)
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_compute_dtype=compute_dtype,
+            bnb_4bit_use_double_quant=True,
+        )
+    if quantization == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    raise ValueError(f"quantization must be None, '4bit' or '8bit', got {quantization!r}")
+
+
+def default_dtype() -> torch.dtype:
+    """bf16 where the hardware has it, else fp32 (CPU fp32 is the fast and exact choice for the tiny model)."""
+    return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
+
+
+def load_model(
+    name_or_path: str | os.PathLike,
+    *,
+    quantization: str | None = None,
+    dtype: torch.dtype | str | None = None,
+    attn_implementation: str | None = None,
+    adapter: str | os.PathLike | None = None,
+    device_map: Any = None,
+    trust_remote_code: bool = False,
+    **kwargs: Any,
+) -> PreTrainedModel:
+    """A causal LM from a hub id or local dir, optionally 4/8-bit quantized and with an (unmerged) LoRA adapter.
+
+    yulanmini checkpoints load too: importing yulan_tune registers the architecture with the Auto classes.
+    """
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype) if dtype != "auto" else None
+    dtype = dtype or default_dtype()
+    if quantization is not None and device_map is None and torch.cuda.is_available():
+        device_map = {"": torch.cuda.current_device()}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            str(name_or_path),
+            dtype=dtype,
+            quantization_config=quantization_config(quantization, dtype),
+            attn_implementation=attn_implementation,
+            device_map=device_map,
+            trust_remote_code=trust_remote_code,
+            **kwargs,
+        )
+    except OSError as error:
+        raise _not_found(name_or_path, error) from error
+    if adapter is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(adapter))
+    return model
