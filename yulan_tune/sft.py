@@ -176,6 +176,16 @@ class LoraGradientGuard(TrainerCallback):
             )
 
 
+class RankSummaryCallback(TrainerCallback):
+    """Each process prints what it did at the end of training: with several processes (DDP / FSDP / DeepSpeed)
+    this shows every rank trained, and that they ended on the same weights."""
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        checksum = sum(float(p.detach().float().sum()) for p in model.parameters() if p.requires_grad) if model else 0.0
+        print(f"rank {args.process_index}/{args.world_size}: steps={state.global_step} "
+              f"trainable_checksum={checksum:.6e}", flush=True)
+
+
 class SFTRecipe:
     """Load -> validate and tokenize data -> train with trl's SFTTrainer -> save model (or adapter) and tokenizer."""
 
@@ -213,7 +223,7 @@ class SFTRecipe:
             eval_dataset=eval_dataset,
             processing_class=self.tokenizer,
             peft_config=lora_config(c) if c.use_peft else None,
-            callbacks=[LoraGradientGuard()] if c.use_peft else None,
+            callbacks=[RankSummaryCallback()] + ([LoraGradientGuard()] if c.use_peft else []),
         )
         return self.trainer
 
@@ -224,6 +234,10 @@ class SFTRecipe:
         trainer.save_model(str(out))  # full model, or only the adapter for LoRA / QLoRA
         if trainer.is_world_process_zero():
             self.tokenizer.save_pretrained(str(out))
+            if self.config.use_peft:
+                from yulan_tune.export import write_adapter_info
+
+                write_adapter_info(out, self.model_path, self.config.quantization)
         metrics: dict[str, Any] = {"train_loss": result.training_loss, "train_rows": len(self.train_split.lengths),
                                    "skipped": dict(self.train_split.report.counts)}
         if self.config.eval_math_problems and trainer.is_world_process_zero():

@@ -1,0 +1,104 @@
+"""SFT end to end on the tiny YuLan: full, LoRA + merge, QLoRA (+ the CPU 4-bit trap), 2-process DDP."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from yulan_tune.data.chat import IGNORE_INDEX
+from yulan_tune.export import merge_adapter
+from yulan_tune.loading import load_model
+from yulan_tune.paths import REPO_ROOT
+from yulan_tune.sft import LoraGradientGuard, SFTRecipe, parse_config
+
+CONFIGS = REPO_ROOT / "recipes" / "configs"
+
+
+def quick_config(name: str, tiny_dir: Path, out: Path, *extra: str):
+    return parse_config(
+        ["--config", str(CONFIGS / name), "--model_name_or_path", str(tiny_dir), "--output_dir", str(out),
+         "--num_bundled_examples", "200", "--max_steps", "6", "--logging_steps", "1", "--disable_tqdm", "true",
+         *extra]
+    )
+
+
+def logged_losses(recipe: SFTRecipe) -> list[float]:
+    return [entry["loss"] for entry in recipe.trainer.state.log_history if "loss" in entry]
+
+
+def test_full_sft_lowers_loss_and_masks_prompts(tiny_dir, tmp_path):
+    recipe = SFTRecipe(quick_config("tiny_full.yaml", tiny_dir, tmp_path / "full", "--learning_rate", "2e-3"))
+    recipe.build_trainer()
+    row = recipe.train_split.dataset[0]
+    assert row["labels"][0] == IGNORE_INDEX and row["labels"][-1] == 106  # prompt masked, end-of-turn trained
+    metrics = recipe.run()
+    losses = logged_losses(recipe)
+    assert len(losses) == 6 and losses[-1] < losses[0] - 0.5, losses
+    assert metrics["train_rows"] == 200
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "full")
+    assert reloaded.config.model_type == "llama"
+
+
+@pytest.mark.parametrize("config_name", ["tiny_lora.yaml", "tiny_qlora.yaml"])
+def test_lora_and_qlora_train_save_merge_generate(tiny_dir, tmp_path, config_name):
+    out = tmp_path / "adapter"
+    recipe = SFTRecipe(quick_config(config_name, tiny_dir, out))
+    recipe.run()
+    assert (out / "adapter_model.safetensors").exists() and not (out / "model.safetensors").exists()
+    losses = logged_losses(recipe)
+    assert losses[-1] < losses[0], losses
+    lora_b = [p for n, p in recipe.trainer.model.named_parameters() if "lora_B" in n]
+    assert lora_b and all(torch.any(p != 0) for p in lora_b)  # adapters really moved
+
+    merged_dir = merge_adapter(out, tmp_path / "merged", dtype=torch.float32)
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir)  # plain transformers, no peft
+    assert not any("lora" in n for n, _ in merged.named_parameters())
+    # the merged model computes what base + adapter computed
+    reference = load_model(tiny_dir, adapter=out, quantization="4bit" if "qlora" in config_name else None)
+    ids = torch.tensor([[1, 104, 2134, 105, 390, 146, 179, 106, 104, 524, 573, 1204, 105, 390]])
+    with torch.no_grad():
+        expected, actual = reference(ids).logits.float(), merged(ids).logits.float()
+    assert torch.allclose(actual, expected, atol=2e-2 if "qlora" in config_name else 1e-4), (
+        (actual - expected).abs().max()
+    )
+    generated = merged.generate(ids, max_new_tokens=5, do_sample=False)
+    assert generated.shape[1] > ids.shape[1]
+
+
+def test_qlora_guard_catches_eval_before_train(tiny_dir, tmp_path):
+    """bitsandbytes on CPU: a no-grad forward on a 4-bit model before training zeroes LoRA gradients
+    (stack_notes.md trap 1). The guard must stop that run instead of training nothing."""
+    recipe = SFTRecipe(quick_config("tiny_qlora.yaml", tiny_dir, tmp_path / "trap", "--max_steps", "2"))
+    trainer = recipe.build_trainer()
+    assert any(isinstance(c, LoraGradientGuard) for c in trainer.callback_handler.callbacks)
+    trainer.model.eval()
+    with torch.no_grad():
+        trainer.model(torch.tensor([[1, 5, 6, 7]]))
+    trainer.model.train()
+    with pytest.raises(RuntimeError, match="zero gradients"):
+        recipe.run()
+
+
+def test_ddp_two_processes_both_train(tiny_dir, tmp_path):
+    """2-process DDP on CPU (gloo). `accelerate launch --cpu` would silently run one process (stack_notes.md)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+        str(REPO_ROOT / "recipes" / "sft.py"), "--config", str(CONFIGS / "tiny_full.yaml"),
+        "--model_name_or_path", str(tiny_dir), "--output_dir", str(tmp_path / "ddp"),
+        "--num_bundled_examples", "64", "--max_steps", "3", "--disable_tqdm", "true", "--use_cpu", "true",
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = [line for line in result.stdout.splitlines() if line.startswith("rank ")]
+    assert sorted(line.split(":")[0] for line in lines) == ["rank 0/2", "rank 1/2"], result.stdout[-2000:]
+    assert all("steps=3" in line for line in lines)
+    checksums = {line.split("trainable_checksum=")[1] for line in lines}
+    assert len(checksums) == 1  # both ranks ended on the same (all-reduced) weights
