@@ -464,7 +464,7 @@ class YuLanMiniModel(YuLanMiniPreTrainedModel):
 
 def causal_lm_loss_with_z_loss(
     logits: torch.Tensor,
-    labels: torch.Tensor,
+    labels: torch.Tensor | None,
     z_loss: float,
     num_items_in_batch: torch.Tensor | int | None = None,
     ignore_index: int = -100,
@@ -472,9 +472,9 @@ def causal_lm_loss_with_z_loss(
 ) -> torch.Tensor:
     """Mean over predicted tokens of CE + z_loss * logsumexp(logits)^2 (1.3.5; Liger's `lse_square_scale`).
 
-    Labels are shifted inside, as transformers' ForCausalLMLoss. With `num_items_in_batch` (the Trainer passes the
-    count of predicted tokens over all accumulated micro-batches) the sum is divided by it instead of by this batch's
-    count, so gradient accumulation gives the same loss as one large batch.
+    Labels are shifted inside, as transformers' ForCausalLMLoss (or pass `shift_labels`, already shifted). With
+    `num_items_in_batch` (the Trainer passes the count of predicted tokens over all accumulated micro-batches) the sum
+    is divided by it instead of by this batch's count, so gradient accumulation gives the same loss as one big batch.
     """
     if shift_labels is None:
         shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
@@ -484,7 +484,7 @@ def causal_lm_loss_with_z_loss(
     logsumexp = torch.logsumexp(logits, dim=-1)
     target_logits = logits.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
     per_token = (logsumexp - target_logits) + z_loss * logsumexp.square()
-    total = (per_token * keep).sum()
+    total = torch.where(keep, per_token, 0.0).sum()  # ignored positions may hold any value, even inf
     if num_items_in_batch is None:
         return total / keep.sum()  # nan when nothing is predicted, as cross_entropy's mean
     if torch.is_tensor(num_items_in_batch):
