@@ -306,13 +306,13 @@ def parse_sft_record(record: Record) -> SFTExample:
         return SFTExample(messages, text, record.source, record.line, fmt, record.unit)
 
     if _present(data, "messages"):
-        return example(_check_conversation(_decode_list(data["messages"], where, "messages"), where, "messages"), None,
+        return example(check_messages(decode_turns(data["messages"], where, "messages"), where, "messages"), None,
                        "messages")
     if _present(data, "conversations"):
-        turns = _decode_list(data["conversations"], where, "conversations")
+        turns = decode_turns(data["conversations"], where, "conversations")
         if turns and isinstance(turns[0], dict) and "role" in turns[0] and "from" not in turns[0]:
-            return example(_check_conversation(turns, where, "conversations"), None, "messages")
-        return example(_check_conversation(_sharegpt_to_messages(turns, where), where, "conversations"), None,
+            return example(check_messages(turns, where, "conversations"), None, "messages")
+        return example(check_messages(sharegpt_to_messages(turns, where), where, "conversations"), None,
                        "sharegpt")
     if _present(data, "instruction"):
         return example(_alpaca_to_messages(data, where), None, "alpaca")
@@ -339,7 +339,7 @@ def _present(data: dict, key: str) -> bool:
     return key in data and data[key] is not None
 
 
-def _decode_list(value: Any, where: str, name: str) -> list:
+def decode_turns(value: Any, where: str, name: str) -> list:
     """A list of turns; CSV (and some Parquet exports) store it as JSON text, which is decoded here."""
     if isinstance(value, str):
         try:
@@ -355,7 +355,8 @@ def _decode_list(value: Any, where: str, name: str) -> list:
     return value
 
 
-def _check_conversation(messages: list, where: str, name: str) -> list[dict]:
+def check_messages(messages: list, where: str, name: str, *, require_assistant: bool = True) -> list[dict]:
+    """Validated copy of a chat: a non-empty list of {"role", "content"} turns, known roles, string contents."""
     if not messages:
         raise DataFormatError(where, "expected a non-empty list of turns, got []", field=name,
                               reason="empty_conversation")
@@ -377,16 +378,17 @@ def _check_conversation(messages: list, where: str, name: str) -> list[dict]:
             raise DataFormatError(where, f"expected a string, got {type(content).__name__}",
                                   field=f"{prefix}.content", reason="non_string_content")
         normalized.append({"role": role, "content": content})
-    if not any(m["role"] == "assistant" for m in normalized):
+    if require_assistant and not any(m["role"] == "assistant" for m in normalized):
         raise DataFormatError(where, "expected at least one assistant turn (nothing to train on), got roles "
                               f"{[m['role'] for m in normalized]}", field=name, reason="no_assistant_turn")
     return normalized
 
 
-def _sharegpt_to_messages(turns: list, where: str) -> list[dict]:
+def sharegpt_to_messages(turns: list, where: str, name: str = "conversations") -> list[dict]:
+    """ShareGPT turns ({"from", "value"}) as chat messages; speaker names are mapped by SHAREGPT_ROLES."""
     messages = []
     for index, turn in enumerate(turns):
-        prefix = f"conversations[{index}]"
+        prefix = f"{name}[{index}]"
         if not isinstance(turn, dict):
             raise DataFormatError(where, f"expected an object with 'from' and 'value', got {type(turn).__name__}",
                                   field=prefix, reason="missing_field")
@@ -434,7 +436,7 @@ def _prompt_completion_to_messages(data: dict, where: str) -> list[dict]:
         bad = "prompt" if not isinstance(prompt, list) else "completion"
         raise DataFormatError(where, f"expected a string or a list of messages, got {type(data[bad]).__name__}",
                               field=bad, reason="non_string_content")
-    messages = _check_conversation(prompt + completion, where, "prompt+completion")
+    messages = check_messages(prompt + completion, where, "prompt+completion")
     if completion and not any(m["role"] == "assistant" for m in messages[len(prompt):]):
         raise DataFormatError(where, "expected the completion to contain an assistant turn", field="completion",
                               reason="no_assistant_turn")
