@@ -117,11 +117,14 @@ def load_model(
     dtype = dtype or default_dtype()
     if quantization is not None and device_map is None and torch.cuda.is_available():
         device_map = {"": torch.cuda.current_device()}
+    if quantization is not None:
+        # only when asked: an explicit quantization_config=None makes transformers ignore the one saved in a
+        # pre-quantized checkpoint's config.json (a saved 4-bit model then fails to load with size mismatches)
+        kwargs["quantization_config"] = quantization_config(quantization, dtype)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             str(name_or_path),
             dtype=dtype,
-            quantization_config=quantization_config(quantization, dtype),
             attn_implementation=attn_implementation,
             device_map=device_map,
             trust_remote_code=trust_remote_code,
