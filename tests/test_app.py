@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import inspect
 import re
+import shutil
 import statistics
 import threading
 import time
@@ -20,7 +21,7 @@ from gradio_client import Client
 from gradio_client.exceptions import AppError as ClientAppError
 from gradio_client.exceptions import ValidationError
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, LlamaForCausalLM
 
 import yulan_tune.app as app_module
 from yulan_tune.app import (
@@ -100,13 +101,6 @@ def client_for(url: str, **kwargs) -> Client:
 # fixtures
 
 
-@pytest.fixture(scope="module")
-def tiny_dir() -> Path:  # TEMPORARY until tests/conftest.py provides the session fixture
-    from yulan_tune.modeling.tiny import build_tiny
-
-    return build_tiny("/tmp/h4_tiny", pretrain_steps=0)
-
-
 @pytest.fixture(scope="module", autouse=True)
 def one_torch_thread():
     """What app_main picks on 2 cores with 2 concurrent generations (cpu_threads_per_generation); restored after."""
@@ -117,17 +111,29 @@ def one_torch_thread():
 
 
 @pytest.fixture(scope="module")
-def chat_model(tiny_dir: Path) -> ChatModel:
-    return ChatModel.load(tiny_dir)
+def model_dir(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The session's tiny YuLan with its weights re-initialized: the briefly pretrained model greedily answers almost
+    anything with indentation, an untrained one with word salad that depends on the prompt, which is what a test
+    needs to tell one conversation's answer from another's."""
+    out = tmp_path_factory.mktemp("untrained_tiny")
+    shutil.copytree(tiny_dir, out, dirs_exist_ok=True)  # tokenizer, chat template, generation config
+    torch.manual_seed(0)
+    LlamaForCausalLM(AutoConfig.from_pretrained(str(tiny_dir))).save_pretrained(str(out))
+    return out
 
 
 @pytest.fixture(scope="module")
-def adapter_dir(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def chat_model(model_dir: Path) -> ChatModel:
+    return ChatModel.load(model_dir)
+
+
+@pytest.fixture(scope="module")
+def adapter_dir(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A LoRA adapter with random (non-zero) A and B, so applying it visibly changes the model."""
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(0)
-    base = AutoModelForCausalLM.from_pretrained(str(tiny_dir), dtype=torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
     lora = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
     out = tmp_path_factory.mktemp("adapter")
     get_peft_model(base, lora).save_pretrained(str(out))
@@ -135,8 +141,8 @@ def adapter_dir(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
 
 
 @pytest.fixture(scope="module")
-def adapted_model(tiny_dir: Path, adapter_dir: Path) -> ChatModel:
-    return ChatModel.load(tiny_dir, adapter=adapter_dir)
+def adapted_model(model_dir: Path, adapter_dir: Path) -> ChatModel:
+    return ChatModel.load(model_dir, adapter=adapter_dir)
 
 
 @pytest.fixture(scope="module")
@@ -208,14 +214,14 @@ def test_generation_timeout_and_cancellation_stop_the_worker(chat_model: ChatMod
 # loading: full dir, base + unmerged LoRA adapter, 4-bit
 
 
-def test_loads_base_plus_unmerged_lora_adapter(tiny_dir: Path, adapter_dir: Path, chat_model: ChatModel,
+def test_loads_base_plus_unmerged_lora_adapter(model_dir: Path, adapter_dir: Path, chat_model: ChatModel,
                                                adapted_model: ChatModel) -> None:
     from peft import PeftModel
 
     assert isinstance(adapted_model.model, PeftModel)
     assert "adapter" in adapted_model.name
     # independent merge: W + (alpha / r) * B @ A from the adapter's safetensors, into a fresh copy of the base
-    merged = AutoModelForCausalLM.from_pretrained(str(tiny_dir), dtype=torch.float32)
+    merged = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
     state = merged.state_dict()
     lora = load_file(str(adapter_dir / "adapter_model.safetensors"))
     a_keys = [k for k in lora if k.endswith("lora_A.weight")]
@@ -232,19 +238,28 @@ def test_loads_base_plus_unmerged_lora_adapter(tiny_dir: Path, adapter_dir: Path
     assert (adapted_logits - base_logits).abs().max() > 0.1  # the adapter is really applied
 
 
-def test_loads_4bit_model_and_answers(tiny_dir: Path, chat_model: ChatModel) -> None:
+def test_loads_4bit_model_and_a_saved_4bit_checkpoint(model_dir: Path, chat_model: ChatModel,
+                                                      tmp_path: Path) -> None:
     import bitsandbytes as bnb
 
-    quantized = ChatModel.load(tiny_dir, quantization="4bit")
-    assert "4bit" in quantized.name
+    quantized = ChatModel.load(model_dir, quantization="4bit")
+    assert quantized.name.endswith("(4bit)")
     assert sum(isinstance(m, bnb.nn.Linear4bit) for m in quantized.model.modules()) == 7 * 4  # q k v o gate up down
     ids = torch.tensor([quantized.prompt_ids(with_system(("user", "Hello")))])
     with torch.inference_mode():
         full, nf4 = chat_model.model(ids).logits[0].float(), quantized.model(ids).logits[0].float()
-    # NF4 keeps the model: its logits stay close to full precision (measured cosine ~0.99 on the tiny model)
+    # NF4 keeps the model: its logits stay close to full precision, per position
     assert torch.nn.functional.cosine_similarity(full, nf4, dim=-1).min() > 0.9
     final = list(stream_replies([quantized], [with_system(("user", "Hi"))], GenerationSettings(0, 1, 8)))[-1][0]
     assert final.new_tokens == 8 and final.text
+
+    # a pre-quantized 4-bit model dir (what QLoRA users save, or a published -4bit repo) loads as 4-bit by itself
+    quantized.model.save_pretrained(str(tmp_path))
+    quantized.tokenizer.save_pretrained(str(tmp_path))
+    reloaded = ChatModel.load(tmp_path)
+    assert reloaded.name == f"{tmp_path} (4bit)"
+    with torch.inference_mode():
+        torch.testing.assert_close(reloaded.model(ids).logits[0].float(), nf4, atol=0, rtol=0)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -307,7 +322,8 @@ def test_over_long_message_is_rejected_with_the_reason(server, chat_model: ChatM
 
 def test_sixteen_concurrent_clients_all_answered_without_cross_talk(server, chat_model: ChatModel) -> None:
     n_clients, new_tokens = 16, 8
-    words = [f"zebra{k:02d}" for k in range(n_clients)]
+    words = ["apple", "river", "mountain", "copper", "violin", "harbor", "lantern", "meadow", "falcon", "glacier",
+             "pepper", "saddle", "thunder", "walnut", "canyon", "orchid"]
     barrier = threading.Barrier(n_clients)
     latencies: list[float] = []
 
@@ -332,6 +348,8 @@ def test_sixteen_concurrent_clients_all_answered_without_cross_talk(server, chat
     print(f"\n16-client load test: {2 * n_clients} requests of {new_tokens} tokens in {wall:.2f} s; latency "
           f"p50 {p50:.2f} s, p95 {p95:.2f} s, max {ordered[-1]:.2f} s")
 
+    # the check below has power only if answers depend on the prompt (a swapped answer must look different)
+    assert len({first[1][1] for first, _ in results}) >= 4 and len({second[3][1] for _, second in results}) >= 4
     for k, (first, second) in enumerate(results):
         msg1, msg2 = f"My code word is {words[k]}.", f"Repeat {words[k]} please."
         reply1 = greedy_reference(chat_model, with_system(("user", msg1)), new_tokens)

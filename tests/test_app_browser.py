@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from transformers import AutoConfig, LlamaForCausalLM
 
 from yulan_tune.app import AppConfig, ChatModel, build_app, serve
 
@@ -24,6 +25,8 @@ SYSTEM = "You are a careful test assistant."
 NEW_TOKENS = 32
 MAX_INPUT_TOKENS = 64
 STOP_IDS = [2, 106]
+CANDIDATE_MESSAGES = ["What does a Python dictionary do?", "Write a function that opens a file.", "import os",
+                      "Explain the return statement.", "def main():"]
 
 # Records the last bot message's text on every DOM change of the chatbot, to see the answer arrive in pieces.
 RECORD_STREAM = """() => {
@@ -60,23 +63,29 @@ def greedy_reference(chat_model: ChatModel, messages: list[dict[str, str]], max_
 
 
 @pytest.fixture(scope="module")
-def tiny_dir() -> Path:  # TEMPORARY until tests/conftest.py provides the session fixture
-    from yulan_tune.modeling.tiny import build_tiny
-
-    return build_tiny("/tmp/h4_tiny", pretrain_steps=0)
+def model_dir(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The session's tiny YuLan with its weights re-initialized: the briefly pretrained model greedily answers almost
+    anything with indentation, an untrained one with word salad that depends on the prompt, which is what a test
+    needs to tell one conversation's answer from another's."""
+    out = tmp_path_factory.mktemp("untrained_tiny")
+    shutil.copytree(tiny_dir, out, dirs_exist_ok=True)  # tokenizer, chat template, generation config
+    torch.manual_seed(0)
+    LlamaForCausalLM(AutoConfig.from_pretrained(str(tiny_dir))).save_pretrained(str(out))
+    return out
 
 
 @pytest.fixture(scope="module")
-def chat_model(tiny_dir: Path) -> ChatModel:
+def chat_model(model_dir: Path) -> ChatModel:
     previous = torch.get_num_threads()
     torch.set_num_threads(1)  # what app_main picks on 2 cores with 2 concurrent generations
-    yield ChatModel.load(tiny_dir)
+    yield ChatModel.load(model_dir)
     torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="module")
 def app_url(chat_model: ChatModel):
-    config = AppConfig(system_prompt=SYSTEM, temperature=0, max_new_tokens=NEW_TOKENS, max_input_tokens=MAX_INPUT_TOKENS)
+    config = AppConfig(system_prompt=SYSTEM, temperature=0, max_new_tokens=NEW_TOKENS,
+                       max_input_tokens=MAX_INPUT_TOKENS)
     demo = serve(build_app([chat_model], config), config, block=False)
     yield demo.local_url
     demo.close()
@@ -98,16 +107,26 @@ def page(app_url: str):
         browser.close()
 
 
+def visible_prompt(chat_model: ChatModel) -> tuple[str, str, int]:
+    """A message whose greedy answer shows letters by mid-answer and more after (a tiny model may answer with
+    indentation only), with that answer and its token count: the streaming check needs something to see."""
+    for message in CANDIDATE_MESSAGES:
+        conversation = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": message}]
+        half, _ = greedy_reference(chat_model, conversation, NEW_TOKENS // 2)
+        full, new_tokens = greedy_reference(chat_model, conversation, NEW_TOKENS)
+        if letters_and_digits(half) and letters_and_digits(full) != letters_and_digits(half):
+            return message, full, new_tokens
+    raise AssertionError(f"no candidate message gets a visible, growing greedy answer: {CANDIDATE_MESSAGES}")
+
+
 def test_browser_types_a_message_and_sees_the_answer_stream_in(page, chat_model: ChatModel) -> None:
-    message = "What does a Python dictionary do?"
+    message, expected, new_tokens = visible_prompt(chat_model)
     page.evaluate(RECORD_STREAM)
     page.fill("#message textarea", message)
     page.press("#message textarea", "Enter")
     page.wait_for_function(ANSWER_DONE, timeout=60_000)
     page.screenshot(path=str(ARTIFACTS / "app_chat.png"), full_page=True)
 
-    expected, new_tokens = greedy_reference(chat_model, [{"role": "system", "content": SYSTEM},
-                                                         {"role": "user", "content": message}], NEW_TOKENS)
     assert page.inner_text('#chatbot-0 [data-testid="user"]').strip() == message
     answer = page.inner_text('#chatbot-0 [data-testid="bot"]')
     assert letters_and_digits(answer) == letters_and_digits(inspect.cleandoc(expected)) != ""

@@ -8,8 +8,9 @@ Serving is safe by default: bound to 127.0.0.1 unless `--host` says otherwise, o
 limit, a bounded queue with a concurrency limit, and a wall-clock generation timeout. Conversation history lives in
 `gr.State`, which gradio keeps per browser session, so one user's turns never reach another user's prompt.
 
-    yulan-tune app --model outputs/sft/model --compare outputs/quickstart/base
-    python apps/chat.py --model BASE_DIR --adapter LORA_DIR
+    yulan-tune app                                  # the quickstart's fine-tuned model
+    yulan-tune app --compare BASE_DIR               # ... side by side with its base (`--help` prints its dir)
+    python apps/chat.py --model BASE_DIR --adapter LORA_DIR --quantization 4bit
 """
 
 from __future__ import annotations
@@ -117,6 +118,9 @@ class ChatModel:
         tokenizer = load_tokenizer(name_or_path)
         model = load_model(name_or_path, quantization=quantization, adapter=adapter)
         model.eval()
+        if quantization is None:  # a pre-quantized checkpoint (its config.json carries the quantization)
+            quantization = "4bit" if getattr(model, "is_loaded_in_4bit", False) else None
+            quantization = "8bit" if getattr(model, "is_loaded_in_8bit", False) else quantization
         chat_model = cls(
             name=name or describe_model(name_or_path, adapter, quantization),
             model=model,
@@ -531,26 +535,32 @@ def resolve_model(model: str | None) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     defaults = AppConfig()
+    from yulan_tune.modeling.tiny import default_tiny_dir
+
     parser = argparse.ArgumentParser(
         prog="yulan-tune app",
         description="Chat with a model in the browser (streaming), optionally side by side with a second one.",
+        epilog=f"Fine-tuned vs base after `make quickstart`: yulan-tune app --compare {default_tiny_dir()}",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--model", help=f"model dir or hub id (default: the quickstart output {QUICKSTART_MODEL_DIR})")
     parser.add_argument("--adapter", help="an unmerged LoRA adapter dir to apply on top of --model")
     parser.add_argument("--quantization", choices=["4bit", "8bit"], help="load --model quantized with bitsandbytes")
     parser.add_argument("--compare", metavar="OTHER", help="a second model answering the same prompts side by side")
     parser.add_argument("--compare-adapter", help="an unmerged LoRA adapter dir to apply on top of --compare")
-    parser.add_argument("--compare-quantization", choices=["4bit", "8bit"])
-    parser.add_argument("--system-prompt", default=defaults.system_prompt, help="initial system prompt (editable)")
+    parser.add_argument("--compare-quantization", choices=["4bit", "8bit"], help="load --compare quantized")
+    parser.add_argument("--system-prompt", default=defaults.system_prompt, help="initial value (editable in the page)")
     parser.add_argument("--temperature", type=float, default=defaults.temperature, help="initial value; 0 = greedy")
-    parser.add_argument("--top-p", type=float, default=defaults.top_p)
-    parser.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens)
+    parser.add_argument("--top-p", type=float, default=defaults.top_p, help="initial value")
+    parser.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens, help="initial value")
     parser.add_argument("--max-input-tokens", type=int, default=defaults.max_input_tokens, help="per user message")
     parser.add_argument("--generation-timeout", type=float, default=defaults.generation_timeout_s, help="seconds")
-    parser.add_argument("--queue-size", type=int, default=defaults.queue_size)
-    parser.add_argument("--concurrency-limit", type=int, default=defaults.concurrency_limit)
-    parser.add_argument("--host", default=defaults.host, help="interface to bind (default: 127.0.0.1, this machine)")
-    parser.add_argument("--port", type=int, default=None, help="default: the first free port from 7860")
+    parser.add_argument("--queue-size", type=int, default=defaults.queue_size,
+                        help="requests that may wait; more are refused")
+    parser.add_argument("--concurrency-limit", type=int, default=defaults.concurrency_limit,
+                        help="answers generated at the same time")
+    parser.add_argument("--host", default=defaults.host, help="interface to bind; 127.0.0.1 is this machine only")
+    parser.add_argument("--port", type=int, default=None, help="if not given: the first free port from 7860")
     parser.add_argument("--auth", help=f"user:password required to open the app (or set ${AUTH_ENV_VAR})")
     return parser
 
