@@ -35,6 +35,19 @@ def _not_found(name_or_path: str | os.PathLike, cause: Exception) -> ModelNotFou
     )
 
 
+def _check_local_path(name_or_path: str | os.PathLike) -> None:
+    """A value that can only be a filesystem path (absolute, ./, ../, ~, or more than one '/') fails at once when
+    missing, instead of after the hub client's retries; "org/name" stays a hub id."""
+    text = str(name_or_path)
+    looks_local = text.startswith(("/", "./", "../", "~")) or text.count("/") > 1 or os.sep != "/" and os.sep in text
+    if looks_local and not Path(text).expanduser().exists():
+        raise ModelNotFoundError(
+            f"could not load {text!r}: no such local directory. Pass an existing model directory (e.g. "
+            "`yulan-tune tiny --out DIR` builds the offline tiny YuLan) or a hub id such as "
+            "yulan-team/YuLan-Mini-Instruct."
+        )
+
+
 def read_chat_template(name_or_path: str | os.PathLike) -> str:
     """A template given as a path to a .jinja file, or one of the names in chat_templates/ (without .jinja)."""
     path = Path(name_or_path)
@@ -58,6 +71,7 @@ def load_tokenizer(
     `chat_template` (a name in chat_templates/ or a .jinja path) overrides; otherwise the tokenizer's own template
     wins and the YuLan-Mini-Instruct template is the fallback.
     """
+    _check_local_path(name_or_path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(name_or_path), trust_remote_code=trust_remote_code, **kwargs)
     except OSError as error:
@@ -114,6 +128,7 @@ def load_model(
     """
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype) if dtype != "auto" else None
+    _check_local_path(name_or_path)
     dtype = dtype or default_dtype()
     if quantization is not None and device_map is None and torch.cuda.is_available():
         device_map = {"": torch.cuda.current_device()}
