@@ -1,0 +1,9 @@
+"""Preference training (DPO, IPO, hinge, SimPO, ORPO, KTO), launchable on one or many devices:
+
+    accelerate launch recipes/dpo.py --config recipes/configs/dpo_tiny.yaml [--beta 0.05 ...]
+"""
+
+from yulan_tune.dpo import dpo_main
+
+if __name__ == "__main__":
+    raise SystemExit(dpo_main())
