@@ -28,24 +28,25 @@ class MathProblem:
 def _make_problem(rng: random.Random) -> MathProblem:
     name, item = rng.choice(NAMES), rng.choice(ITEMS)
     kind = rng.choice(["add", "add", "sub", "sub", "mul", "add_sub"])
+    # Small operands: a few hundred arithmetic facts, so a CPU-sized model can learn them within the quickstart.
     if kind == "add":
-        a, b = rng.randint(1, 20), rng.randint(1, 20)
+        a, b = rng.randint(1, 12), rng.randint(1, 12)
         answer = a + b
         question = f"{name} has {a} {item} and gets {b} more. How many {item} does {name} have now?"
         steps = f"{a} + {b} = {answer}."
     elif kind == "sub":
-        a = rng.randint(5, 30)
+        a = rng.randint(5, 20)
         b = rng.randint(1, a)
         answer = a - b
         question = f"{name} has {a} {item} and gives away {b}. How many {item} are left?"
         steps = f"{a} - {b} = {answer}."
     elif kind == "mul":
-        a, b = rng.randint(2, 9), rng.randint(2, 9)
+        a, b = rng.randint(2, 6), rng.randint(2, 6)
         answer = a * b
         question = f"{name} buys {a} bags with {b} {item} in each bag. How many {item} is that in total?"
         steps = f"{a} * {b} = {answer}."
     else:
-        a, b = rng.randint(1, 15), rng.randint(1, 15)
+        a, b = rng.randint(1, 9), rng.randint(1, 9)
         c = rng.randint(1, a + b)
         answer = a + b - c
         question = f"{name} has {a} {item}, finds {b} more, then loses {c}. How many {item} does {name} have?"
