@@ -4,18 +4,18 @@ and the memory budget measured on a corpus several times larger than it."""
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import random
-import subprocess
+import re
 import sys
-import textwrap
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from yulan_tune.data.formats import DataFormatError
-from yulan_tune.data.packing import PackedDataset, prepare_packed_dataset
+from yulan_tune.data.packing import PackedDataset, prepare_data_main, prepare_packed_dataset
 from yulan_tune.paths import PRETRAIN_DIR
 
 SEQ_LEN = 96
@@ -139,28 +139,33 @@ def test_bad_rows_name_file_line_and_field_or_are_counted(tiny_dir, tmp_path):
     assert any("bad.jsonl:6: field 'text': expected a string, got int" in e for e in manifest["bad_row_examples"])
 
 
-MEASURE = textwrap.dedent("""
-    import json, re, sys
-    from yulan_tune.data.packing import prepare_data_main
-    def status_mb(field):
-        return int(re.search(field + r":\\s+(\\d+) kB", open("/proc/self/status").read()).group(1)) / 1024
-    options = ["--tokenizer", sys.argv[1], "--seq-len", "512", "--workers", "1", "--memory-budget-mb", sys.argv[2],
-               "--segment-chars", "65536", "--unit-mb", "4", "--no-progress"]
-    assert prepare_data_main([sys.argv[3], "--out", sys.argv[4], *options]) == 0
-    # baseline: interpreter, libraries, tokenizer, one document through the whole path; then reset the peak
-    # (high-water mark) to the current RSS, so import-time transients cannot hide the big run's peak
-    open("/proc/self/clear_refs", "w").write("5")
-    baseline = status_mb("VmRSS")
-    assert prepare_data_main([sys.argv[5], "--out", sys.argv[6], *options]) == 0
-    print(json.dumps({"baseline_mb": baseline, "peak_mb": status_mb("VmHWM")}))
-""")
+def _status_mb(field: str) -> float:
+    return int(re.search(field + r":\s+(\d+) kB", Path("/proc/self/status").read_text()).group(1)) / 1024
+
+
+def _measure_peak_growth(tokenizer: Path, budget_mb: int, small: Path, big: Path, out: Path, result: Path) -> None:
+    """In a forked child (no re-import): prepare a one-document corpus, reset the peak-RSS high-water mark to the
+    current RSS, prepare the big corpus, report the peak's growth over that baseline."""
+    options = ["--tokenizer", str(tokenizer), "--seq-len", "512", "--workers", "1", "--memory-budget-mb",
+               str(budget_mb), "--segment-chars", "65536", "--unit-mb", "4", "--no-progress"]
+    code = 1
+    try:
+        assert prepare_data_main([str(small), "--out", str(out / "small"), *options]) == 0
+        Path("/proc/self/clear_refs").write_text("5")  # import-time transients must not hide the big run's peak
+        baseline = _status_mb("VmRSS")
+        assert prepare_data_main([str(big), "--out", str(out / "big"), *options]) == 0
+        result.write_text(json.dumps({"baseline_mb": baseline, "peak_mb": _status_mb("VmHWM")}))
+        code = 0
+    finally:
+        os._exit(code)
 
 
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc high-water-mark reset")
 def test_preparing_a_corpus_four_times_the_budget_stays_within_it(tmp_path):
     """Peak RSS of the preparing process (the kernel's high-water mark, no sampling) grows by less than the budget
     while a corpus of 4x the budget streams through; the baseline is the same process after preparing a
-    one-document corpus (Linux: /proc/self/clear_refs resets the high-water mark)."""
+    one-document corpus (Linux: /proc/self/clear_refs resets the high-water mark). The process is forked from this
+    one: it starts with the libraries loaded, and the pages it shares with us count in its RSS from the start."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -182,14 +187,13 @@ def test_preparing_a_corpus_four_times_the_budget_stays_within_it(tmp_path):
             handle.write(line)
             size, word_count, documents = size + len(line), word_count + count, documents + 1
 
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
-    result = subprocess.run(
-        [sys.executable, "-c", MEASURE, str(tmp_path / "tokenizer"), str(budget_mb), str(tmp_path / "one_doc.jsonl"),
-         str(tmp_path / "small"), str(tmp_path / "big.jsonl"), str(tmp_path / "big")],
-        capture_output=True, text=True, env=env, timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-2000:]
-    measured = json.loads(result.stdout.strip().splitlines()[-1])
+    child = multiprocessing.get_context("fork").Process(target=_measure_peak_growth, args=(
+        tmp_path / "tokenizer", budget_mb, tmp_path / "one_doc.jsonl", tmp_path / "big.jsonl", tmp_path,
+        tmp_path / "measured.json"))
+    child.start()
+    child.join(timeout=300)
+    assert child.exitcode == 0
+    measured = json.loads((tmp_path / "measured.json").read_text())
     growth = measured["peak_mb"] - measured["baseline_mb"]
     print(f"corpus {size / 2**20:.1f} MB, budget {budget_mb} MB, baseline {measured['baseline_mb']:.1f} MB, "
           f"peak {measured['peak_mb']:.1f} MB, growth {growth:.2f} MB")

@@ -172,3 +172,29 @@ def test_tiny_pretraining_lowers_held_out_loss_and_logs_hidden_states(uninterrup
     # both forms were written: the yulanmini model and its Llama conversion
     assert (out / "final" / "config.json").exists() and json.loads(
         (out / "final-llama" / "config.json").read_text())["model_type"] == "llama"
+
+
+def test_pretrain_tiny_base_writes_the_quickstart_llama(tmp_path, tiny_dir):
+    """The tiny base of the quickstart: a TINY_SHAPE yulanmini pretrained by this recipe, then converted to Llama."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from yulan_tune.modeling.tiny import TINY_SHAPE
+    from yulan_tune.modeling.yulanmini import YuLanMiniForCausalLM
+    from yulan_tune.pretrain import pretrain_tiny_base
+
+    out = pretrain_tiny_base(tmp_path / "tiny", tiny_dir, steps=4, seed=0)
+    llama = AutoModelForCausalLM.from_pretrained(out)
+    assert llama.config.model_type == "llama" and not llama.config.tie_word_embeddings
+    assert {k: getattr(llama.config, k) for k in TINY_SHAPE} == TINY_SHAPE
+    assert llama.config.rope_parameters["rope_theta"] == 490000.0 and llama.config.attention_bias
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    assert llama.generation_config.eos_token_id == [2, tokenizer.convert_tokens_to_ids("<|eot_id|>")] == [2, 106]
+    # the Llama computes what the trained yulanmini computes
+    trained = YuLanMiniForCausalLM.from_pretrained(out / "pretrain" / "run" / "final")
+    ids = torch.randint(0, 4096, (1, 48), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        difference = (llama(ids).logits - trained(ids).logits).abs().max().item()
+    assert difference < 1e-4
+    # the tiny curriculum's two phases, scaled to the 4 steps asked for
+    records = [read_checkpoint_record(out / "pretrain" / "run" / f"checkpoint-{step}") for step in (2, 4)]
+    assert [(r["phase"], r["phase_steps"], r["keep"]) for r in records] == [("code", 2, True), ("math", 2, True)]

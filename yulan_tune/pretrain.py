@@ -235,8 +235,9 @@ class PretrainRecipe:
 
     def rows_per_step(self) -> int:
         """Rows of every optimizer step across all data-parallel processes."""
-        return (self.config.per_device_train_batch_size * self.config.gradient_accumulation_steps
-                * self.config.world_size)
+        config = self.config
+        _ = config.device  # sets up the distributed state; before that, world_size reads 1
+        return config.per_device_train_batch_size * config.gradient_accumulation_steps * config.world_size
 
     def plan(self) -> tuple[Curriculum, list[PhasePlan]]:
         curriculum = load_curriculum(self.config.curriculum)
@@ -394,7 +395,7 @@ class PretrainRecipe:
         self._dataset_cache: dict[str, PackedDataset] = {}
         model = self.build_model(tokenizer)
         eval_datasets = self._eval_datasets()
-        phases_run, metrics = [], {}
+        phases_run, metrics, trainer = [], {}, None
         for plan in plans[first:stop]:
             run = PhaseRun(plan=plan, start_step=start_step, resume_from=resume_from)
             logger.info("phase %r: steps %d-%d, %d rows of %d tokens per step, %s", plan.name, run.start_step,
@@ -408,30 +409,26 @@ class PretrainRecipe:
             resume_from = self.output_dir / f"checkpoint-{run.end_step}"
             if read_checkpoint_record(resume_from) is None:
                 raise RuntimeError(f"phase {plan.name!r} ended without a complete checkpoint at {resume_from}")
-        finished = stop == len(plans) and (phases_run or first == len(plans))
         result = {"phases_run": phases_run, "global_step": start_step,
                   "resumed_from": str(resumed_from) if resumed_from else None,
                   "removed_incomplete": [str(p) for p in removed], "train_metrics": metrics}
-        if finished and phases_run:
-            result.update(self.save_final(model, tokenizer))
+        if trainer is not None and stop == len(plans):  # this launch finished the curriculum
+            result.update(self.save_final(trainer))
         return result
 
-    def save_final(self, model: YuLanMiniForCausalLM, tokenizer: PreTrainedTokenizerBase) -> dict[str, str]:
-        """`final/` (yulanmini, to continue or anneal) and `final-llama/` (the released Llama form)."""
-        saved = {}
-        if not self.config.should_save:
-            return saved
+    def save_final(self, trainer: YuLanTrainer) -> dict[str, str]:
+        """`final/` (yulanmini + tokenizer, to continue or anneal from) through `Trainer.save_model`, which gathers
+        sharded (FSDP / DeepSpeed) weights; with `export_llama` also `final-llama/`, the released Llama form."""
         final = self.output_dir / "final"
-        model.save_pretrained(final)
-        tokenizer.save_pretrained(final)
-        saved["final"] = str(final)
+        trainer.save_model(str(final))
+        saved = {"final": str(final)}
         if self.config.export_llama:
-            from yulan_tune.modeling.convert import to_llama
-
             llama_dir = self.output_dir / "final-llama"
-            llama = to_llama(model, None)
-            llama.save_pretrained(llama_dir)
-            tokenizer.save_pretrained(llama_dir)
+            if trainer.args.should_save:
+                from yulan_tune.modeling.convert import to_llama
+
+                to_llama(final, llama_dir)  # copies the tokenizer files too
+            trainer.accelerator.wait_for_everyone()
             saved["final_llama"] = str(llama_dir)
         return saved
 
@@ -439,7 +436,19 @@ class PretrainRecipe:
 # ------------------------------------------------------------------------------------------------ the tiny base
 
 
-def pretrain_tiny_base(out_dir: str | os.PathLike, tokenizer_dir: str | os.PathLike, *, steps: int = 150,
+def _largest_remainder(total: int, weights: dict[str, float], minimum: int = 0) -> dict[str, int]:
+    """Integers proportional to `weights` that sum to exactly `total` (each at least `minimum`)."""
+    norm = sum(weights.values())
+    exact = {name: max(total * weight / norm, minimum) for name, weight in weights.items()}
+    counts = {name: int(value) for name, value in exact.items()}
+    for name in sorted(exact, key=lambda n: counts[n] - exact[n])[: max(total - sum(counts.values()), 0)]:
+        counts[name] += 1
+    while sum(counts.values()) > total:  # minimums raised small shares: take the excess from the largest
+        counts[max(counts, key=counts.get)] -= 1
+    return counts
+
+
+def pretrain_tiny_base(out_dir: str | os.PathLike, tokenizer_dir: str | os.PathLike, *, steps: int = 60,
                        seed: int = 0) -> Path:
     """Pretrain the quickstart's tiny YuLan with this recipe and write it to `out_dir` in Llama form (+ tokenizer).
 
@@ -454,22 +463,21 @@ def pretrain_tiny_base(out_dir: str | os.PathLike, tokenizer_dir: str | os.PathL
     work = out / "pretrain"
     tiny = load_curriculum(TINY_CURRICULUM)
     seq_len, batch = tiny.seq_len, 4
-    total_rows = steps * batch
-    phase_tokens = [phase.total_tokens for phase in tiny.phases]
-    # the tiny curriculum's phases, scaled to `steps` (each phase keeps its share and its mix)
-    rows = [max(round(total_rows * t / sum(phase_tokens)), batch) for t in phase_tokens[:-1]]
-    rows.append(total_rows - sum(rows))
+    if steps < len(tiny.phases):
+        raise ValueError(f"steps must be >= {len(tiny.phases)} (one per curriculum phase), got {steps}")
+    # the tiny curriculum scaled to exactly `steps`: each phase keeps its share of the steps and its mix
+    phase_steps = _largest_remainder(steps, {p.name: p.total_tokens for p in tiny.phases}, minimum=1)
     work.mkdir(parents=True, exist_ok=True)
     scaled = {"seq_len": seq_len, "phases": [
-        {"name": phase.name, "tokens": {name: max(round(count * seq_len * share / phase.total_tokens), 1)
-                                        for name, share in phase.tokens.items()}}
-        for phase, count in zip(tiny.phases, rows)]}
+        {"name": phase.name, "tokens": {name: rows * seq_len for name, rows in
+                                        _largest_remainder(phase_steps[phase.name] * batch, phase.tokens).items()}}
+        for phase in tiny.phases]}
     curriculum_file = work / "curriculum.yaml"
     curriculum_file.write_text(json.dumps(scaled, indent=1))  # JSON is valid YAML
     shape = {key: TINY_SHAPE[key] for key in ("hidden_size", "num_hidden_layers", "num_attention_heads",
                                               "num_key_value_heads", "head_dim", "intermediate_size")}
     # tokenize only what the run can use (the stdlib sources are ~3.4K tokens each): ~2.5x the stdlib rows it reads
-    prepare_bundled_corpus(work / "data", tokenizer_dir, seq_len=seq_len, stdlib_docs=min(400, max(40, steps // 2)),
+    prepare_bundled_corpus(work / "data", tokenizer_dir, seq_len=seq_len, stdlib_docs=min(400, max(8, steps // 2)),
                            seed=seed)
     config = PretrainConfig(
         output_dir=str(work / "run"), curriculum=str(curriculum_file), data_root=str(work / "data"),
