@@ -1,0 +1,194 @@
+"""DPO throughput and peak memory: yulan_tune's `DPORecipe` with its defaults against a plain `trl.DPOTrainer` with
+trl's defaults, on the same model, preference pairs and hyperparameters (lr, beta, batch size, steps, max_length).
+
+    python -m benchmarks.dpo_throughput                 # CPU: tiny YuLan, math + code preference pairs
+    python -m benchmarks.dpo_throughput --device cuda   # GPU: full-size YuLan-Mini shape (random init)
+
+What each side runs:
+- yulan_tune: `DPORecipe` from recipes/configs/dpo_tiny.yaml on CPU (fp32, no activation checkpointing), and from its
+  dataclass defaults on GPU (bf16 weights, trl's activation checkpointing), with its own exact tokenization; a full
+  fine-tune keeps a frozen reference copy, as trl does.
+- trl: `trl.DPOTrainer(model=<path>, args=trl.DPOConfig(...))` on the conversational prompt / chosen / rejected
+  file with trl's tokenization and defaults (fp32 weights, bf16 autocast, activation checkpointing; `use_cpu` on CPU,
+  which trl's bf16 default requires there).
+Pairs longer than max_length are removed from the file beforehand, so neither side drops nor truncates anything and
+both train on exactly the same pairs. Trained tokens are the completion tokens (chosen and rejected) whose
+log-probabilities enter the loss; each is counted once, although the reference model also scores it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):  # run as a file: make `benchmarks` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks import common  # noqa: E402
+from benchmarks.sft_throughput import gpu_options  # noqa: E402
+
+MODULE = "benchmarks.dpo_throughput"
+CANDIDATE, BASELINE = "yulan_tune", "trl"
+CONFIGS = common.REPO_ROOT / "recipes" / "configs"
+
+
+@dataclass
+class DPOBenchSettings:
+    device: str
+    model_dir: str
+    data_file: str
+    recipe_config: str | None
+    max_length: int
+    batch_size: int
+    learning_rate: float
+    beta: float
+    steps: int
+    warmup_steps: int
+    seed: int = 0
+    torch_compile: bool = False
+
+
+def common_overrides(s: DPOBenchSettings, output_dir: str) -> list[str]:
+    return ["--max_steps", str(s.steps), "--max_length", str(s.max_length),
+            "--per_device_train_batch_size", str(s.batch_size), "--gradient_accumulation_steps", "1",
+            "--learning_rate", str(s.learning_rate), "--beta", str(s.beta), "--seed", str(s.seed),
+            "--output_dir", output_dir, "--logging_steps", str(s.steps), "--save_strategy", "no",
+            "--report_to", "none", "--disable_tqdm", "true", "--dataloader_num_workers", "0"]
+
+
+def build_candidate(s: DPOBenchSettings, output_dir: str) -> Any:
+    from yulan_tune.dpo import DPORecipe, parse_config
+
+    argv = (["--config", s.recipe_config] if s.recipe_config else []) + [
+        "--model_name_or_path", s.model_dir, "--dataset", s.data_file, "--eval_dataset", "",
+        "--eval_math_problems", "0", *common_overrides(s, output_dir), *gpu_options(s.device, s.torch_compile)]
+    return DPORecipe(parse_config(argv)).build_trainer()
+
+
+def build_baseline(s: DPOBenchSettings, output_dir: str) -> Any:
+    import trl
+    from datasets import load_dataset
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(s.model_dir)
+    dataset = load_dataset("json", data_files=s.data_file, split="train")
+    args = trl.DPOConfig(
+        output_dir=output_dir, max_steps=s.steps, max_length=s.max_length, per_device_train_batch_size=s.batch_size,
+        gradient_accumulation_steps=1, learning_rate=s.learning_rate, beta=s.beta, seed=s.seed,
+        logging_steps=s.steps, save_strategy="no", report_to="none", disable_tqdm=True, dataloader_num_workers=0,
+        use_cpu=s.device == "cpu",  # trl's bf16 default stops on a CPU-only machine without it
+    )
+    return trl.DPOTrainer(model=s.model_dir, args=args, train_dataset=dataset, processing_class=tokenizer)
+
+
+def worker(variant: str, settings_file: str, out_file: str) -> None:
+    s = DPOBenchSettings(**json.loads(Path(settings_file).read_text()))
+    with tempfile.TemporaryDirectory(prefix=f"dpo-bench-{variant}-") as output_dir:
+        trainer = (build_candidate if variant == CANDIDATE else build_baseline)(s, output_dir)
+        measurement = common.instrument_trainer(trainer, s.device)
+        rss_before = common.current_rss_mib()
+        common.reset_peak_memory(s.device)
+        train_output = trainer.train()
+        result = {"variant": variant, **measurement.summary(s.warmup_steps), **common.peak_memory(s.device),
+                  "rss_before_train_mib": rss_before, "train_loss": train_output.training_loss,
+                  "bf16": bool(trainer.args.bf16), "gradient_checkpointing": bool(trainer.args.gradient_checkpointing),
+                  "liger": bool(trainer.args.use_liger_kernel), "torch_compile": bool(trainer.args.torch_compile),
+                  "param_dtype": str(next(trainer.model.parameters()).dtype),
+                  "reference_model": trainer.ref_model is not None}
+        if s.device == "cuda":
+            import torch
+
+            # policy forward + backward and one reference forward per sequence
+            common.add_mfu(result, common.Shape.of(trainer.model.config), torch.cuda.get_device_name(),
+                           reference_forwards=1 if trainer.ref_model is not None else 0)
+    Path(out_file).write_text(json.dumps(result))
+
+
+def pairs_within(rows: list[dict], tokenizer: Any, max_length: int) -> list[dict]:
+    """The pairs whose prompt + chosen and prompt + rejected both fit in max_length tokens (exact SFT rendering)."""
+    from yulan_tune.data.chat import tokenize_conversation
+
+    return [row for row in rows if all(
+        len(tokenize_conversation(tokenizer, row["prompt"] + row[side]).input_ids) <= max_length
+        for side in ("chosen", "rejected"))]
+
+
+def prepare(args: argparse.Namespace, workdir: Path) -> DPOBenchSettings:
+    from yulan_tune.loading import load_tokenizer
+
+    if args.device == "cuda":
+        model_dir = args.model_dir or str(common.save_full_size_llama(workdir / "yulan-mini-shape"))
+        config_path = CONFIGS / "dpo_yulan_mini_instruct_full.yaml"  # used once the recipe ships one
+        config = str(config_path) if config_path.exists() else None
+        defaults = {"max_length": 2048, "per_device_train_batch_size": 4, "learning_rate": 5e-7, "beta": 0.1}
+        max_lines = 200
+    else:
+        from yulan_tune.modeling.tiny import build_tiny
+
+        model_dir = args.model_dir or str(build_tiny())
+        config = str(CONFIGS / "dpo_tiny.yaml")
+        defaults = {"max_length": 256, "per_device_train_batch_size": 8, "learning_rate": 5e-5, "beta": 0.1}
+        max_lines = 40
+    if config:
+        defaults.update({k: v for k, v in common.read_yaml(config).items() if k in defaults})
+    max_length = args.max_length or defaults["max_length"]
+    rows = common.preference_rows(args.examples, seed=args.seed, max_lines=max_lines)
+    kept = pairs_within(rows, load_tokenizer(model_dir), max_length)
+    print(f"DPO data: {len(kept)} of {len(rows)} pairs fit max_length {max_length} (the rest are left out of the "
+          "file for both sides)")
+    data_file = common.write_jsonl(workdir / "dpo_pairs.jsonl", kept)
+    return DPOBenchSettings(
+        device=args.device, model_dir=model_dir, data_file=str(data_file), recipe_config=config,
+        max_length=max_length, batch_size=args.batch_size or defaults["per_device_train_batch_size"],
+        learning_rate=args.learning_rate or defaults["learning_rate"], beta=defaults["beta"], steps=args.steps,
+        warmup_steps=args.warmup_steps, seed=args.seed, torch_compile=args.torch_compile)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--settings", help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--model-dir", help="model to train (default: tiny YuLan on CPU, full-size random on GPU)")
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=8, help="optimizer steps per run, warmup included")
+    parser.add_argument("--warmup-steps", type=int, default=2)
+    parser.add_argument("--examples", type=int, default=400, help="preference pairs generated (before the fit)")
+    parser.add_argument("--max-length", type=int)
+    parser.add_argument("--batch-size", type=int)
+    parser.add_argument("--learning-rate", type=float)
+    parser.add_argument("--torch-compile", action="store_true")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--timeout", type=float, default=900)
+    parser.add_argument("--json")
+    parser.add_argument("--write-results", action="store_true")
+    args = parser.parse_args(argv)
+    if args.worker:
+        worker(args.worker, args.settings, args.out)
+        return 0
+
+    with tempfile.TemporaryDirectory(prefix="dpo-bench-") as tmp:
+        settings = prepare(args, Path(tmp))
+        print(f"DPO benchmark ({args.device}): {json.dumps(asdict(settings))}")
+        runs = common.run_interleaved(MODULE, [CANDIDATE, BASELINE], args.reps, asdict(settings),
+                                      timeout=args.timeout, workdir=Path(tmp) / "runs")
+    env = common.environment()
+    summary = common.compare(runs, CANDIDATE, BASELINE)
+    print(common.summary_text(summary))
+    if args.write_results:
+        what = (f"DPO full, {'tiny YuLan' if args.device == 'cpu' else 'YuLan-Mini shape'}, max_length "
+                f"{settings.max_length}, batch {settings.batch_size} pairs, {settings.steps - settings.warmup_steps} "
+                f"timed steps x {summary['reps']} reps")
+        common.append_results(f"dpo-{args.device}", [common.comparison_row(what, summary, env)])
+    common.save_json(args.json, {"settings": asdict(settings), "environment": env, "runs": runs, "summary": summary})
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

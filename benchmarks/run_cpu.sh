@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# All CPU rows of benchmarks/RESULTS.md in one run: SFT and DPO (recipe vs plain trl) and the pretraining overhead
+# (yulanmini vs plain Llama), each as interleaved repetitions in fresh processes. Run it on a quiet machine: the
+# ratios survive a busy one, the absolute numbers do not. JSON of every run lands in $OUT_DIR.
+#
+#   bash benchmarks/run_cpu.sh          # about 8 min on 2 idle cores (the trl baselines take 5 of them)
+#   ONLY=sft bash benchmarks/run_cpu.sh # only the SFT comparison (the issue's CPU target), about 4 min
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-.venv/bin/python}
+OUT_DIR=${OUT_DIR:-outputs/benchmarks}
+mkdir -p "$OUT_DIR"
+export TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
+START=$(date +%s)
+run() { [ -z "${ONLY:-}" ] || [ "$ONLY" = "$1" ]; }
+if run sft; then
+  "$PY" -m benchmarks.sft_throughput --reps 3 --steps 4 --warmup-steps 1 --examples 400 --write-results \
+    --json "$OUT_DIR/sft_cpu.json"
+fi
+if run dpo; then
+  "$PY" -m benchmarks.dpo_throughput --reps 2 --steps 3 --warmup-steps 1 --examples 200 --write-results \
+    --json "$OUT_DIR/dpo_cpu.json"
+fi
+if run pretrain; then
+  "$PY" -m benchmarks.pretrain_overhead --reps 3 --steps 6 --warmup-steps 1 --write-results \
+    --json "$OUT_DIR/pretrain_cpu.json"
+fi
+echo "benchmarks/run_cpu.sh: $(( $(date +%s) - START )) s; rows appended to benchmarks/RESULTS.md"
