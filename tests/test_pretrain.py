@@ -6,6 +6,7 @@ hidden-state statistics."""
 from __future__ import annotations
 
 import json
+import math
 import multiprocessing
 import os
 import random
@@ -166,9 +167,10 @@ def test_tiny_pretraining_lowers_held_out_loss_and_logs_hidden_states(uninterrup
     events = b"".join(p.read_bytes() for p in out.rglob("events.out.tfevents*"))
     assert b"hidden_states_rms/layer_01" in events and b"train/loss" in events
     # the LR followed the WSD schedule: warmup 2 steps, stable, cos2 decay over the last 5 steps to 0.1 of the peak
-    lrs = {entry["step"]: entry["learning_rate"] for entry in logs if "learning_rate" in entry}
-    assert lrs[1] == 0.0 and lrs[2] == pytest.approx(5e-3) and lrs[11] == pytest.approx(1e-2)
-    assert lrs[16] == pytest.approx(1e-2 * (0.1 + 0.9 * 0.5 * (1 + torch.cos(torch.tensor(0.8 * torch.pi)).item())))
+    # (step k logs the factor its update used: lambda(k - 1); decay over steps 11-15 of 0..15)
+    factors = {entry["step"]: entry["lr_factor"] for entry in logs if "lr_factor" in entry}
+    expected = [0.0, 0.5] + [1.0] * 9 + [0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * p / 5)) for p in range(5)]
+    assert [factors[step] for step in range(1, 17)] == pytest.approx(expected, abs=1e-12)
     # both forms were written: the yulanmini model and its Llama conversion
     assert (out / "final" / "config.json").exists() and json.loads(
         (out / "final-llama" / "config.json").read_text())["model_type"] == "llama"

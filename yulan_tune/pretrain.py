@@ -131,6 +131,8 @@ class PretrainConfig(TrainingArguments):
     def __post_init__(self) -> None:
         if self.bf16 is None:
             self.bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        if not torch.cuda.is_available():
+            self.dataloader_pin_memory = False  # nothing to pin for; torch warns on every dataloader otherwise
         if isinstance(self.model_config, str) and self.model_config.strip().startswith("{"):
             self.model_config = json.loads(self.model_config)
         if self.save_total_limit is not None:

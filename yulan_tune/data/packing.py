@@ -263,6 +263,11 @@ class _BadRows:
         self.skip = settings.on_bad_row == "skip"
         self.stats = stats
 
+    @property
+    def wants_detail(self) -> bool:
+        """Whether the next bad row's message will be shown (raised, or kept as an example)."""
+        return not self.skip or len(self.stats.bad_row_examples) < MAX_BAD_ROW_EXAMPLES
+
     def report(self, error: DataFormatError) -> None:
         if not self.skip:
             raise error
@@ -314,7 +319,9 @@ def _iter_jsonl_range(piece: Piece, settings: PrepareSettings, bad: _BadRows) ->
                 row = json.loads(line)
                 yield _text_of(row, "", settings.text_field)
             except (json.JSONDecodeError, UnicodeDecodeError, DataFormatError) as error:
-                where = f"{piece.source}:{_line_number(piece.source, line_start)}"
+                # the line number costs a scan of the file up to here: only for messages that are shown
+                where = (f"{piece.source}:{_line_number(piece.source, line_start)}" if bad.wants_detail
+                         else f"{piece.source}@byte{line_start}")
                 if isinstance(error, DataFormatError):
                     bad.report(DataFormatError(where, error.message, field=error.field, reason=error.reason))
                 else:

@@ -99,6 +99,13 @@ class YuLanTrainer(Trainer):
                                                      self.schedule)
         return self.lr_scheduler
 
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "learning_rate" in logs and self.lr_scheduler is not None and self.lr_scheduler.base_lrs[0]:
+            # "learning_rate" is the first parameter group's, i.e. the muP hidden matrices' (peak / m_width): also log
+            # the schedule's multiplier, the same for every group
+            logs["lr_factor"] = logs["learning_rate"] / self.lr_scheduler.base_lrs[0]
+        super().log(logs, start_time)
+
     def first_row_of_step(self, global_step: int) -> int:
         return (global_step - self.dataset_start_step) * self.get_total_train_batch_size(self.args)
 
