@@ -137,6 +137,9 @@ def test_bad_rows_name_file_line_and_field_or_are_counted(tiny_dir, tmp_path):
     assert manifest["documents"] == 3
     assert any("bad.jsonl:5: field 'text': missing" in example for example in manifest["bad_row_examples"])
     assert any("bad.jsonl:6: field 'text': expected a string, got int" in e for e in manifest["bad_row_examples"])
+    # a name that is no local path is streamed from the hub; offline that fails with one actionable line
+    with pytest.raises(FileNotFoundError, match="'someone/corpus' is not a local file .* streaming it as a hub"):
+        prepare_packed_dataset(["someone/corpus"], tiny_dir, tmp_path / "hub", seq_len=4, progress=False)
 
 
 def _status_mb(field: str) -> float:
