@@ -71,18 +71,31 @@ def test_lora_and_qlora_train_save_merge_generate(tiny_dir, tmp_path, config_nam
     assert generated.shape[1] > ids.shape[1]
 
 
-def test_qlora_guard_catches_eval_before_train(tiny_dir, tmp_path):
-    """bitsandbytes on CPU: a no-grad forward on a 4-bit model before training zeroes LoRA gradients
-    (stack_notes.md trap 1). The guard must stop that run instead of training nothing."""
+def test_qlora_trains_after_an_eval_forward_and_guard_catches_zero_gradients(tiny_dir, tmp_path):
+    """bitsandbytes on CPU: stack_notes.md measured LoRA gradients of exactly zero after a no-grad forward on a
+    4-bit model (trap 1). Run that sequence for real and check gradients flow; and check the guard that stops a run
+    whose LoRA weights get no gradient (whatever the cause) instead of letting it train nothing."""
     recipe = SFTRecipe(quick_config("tiny_qlora.yaml", tiny_dir, tmp_path / "trap", "--max_steps", "2"))
     trainer = recipe.build_trainer()
-    assert any(isinstance(c, LoraGradientGuard) for c in trainer.callback_handler.callbacks)
+    guard = next(c for c in trainer.callback_handler.callbacks if isinstance(c, LoraGradientGuard))
     trainer.model.eval()
     with torch.no_grad():
         trainer.model(torch.tensor([[1, 5, 6, 7]]))
     trainer.model.train()
+    recipe.run()  # the guard would raise here if the eval forward had zeroed the LoRA gradients
+    assert all(torch.any(p != 0) for n, p in trainer.model.named_parameters() if "lora_B" in n)
+
+    class State:
+        global_step = 0
+
+    model = trainer.model
+    for name, parameter in model.named_parameters():
+        if "lora_B" in name:
+            parameter.grad = torch.zeros_like(parameter)
     with pytest.raises(RuntimeError, match="zero gradients"):
-        recipe.run()
+        guard.on_pre_optimizer_step(trainer.args, State(), None, model=model)
+    next(p for n, p in model.named_parameters() if "lora_B" in n).grad[0, 0] = 1e-3
+    guard.on_pre_optimizer_step(trainer.args, State(), None, model=model)  # one non-zero gradient: no error
 
 
 def test_ddp_two_processes_both_train(tiny_dir, tmp_path):
