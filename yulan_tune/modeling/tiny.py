@@ -43,8 +43,8 @@ SPECIAL_TOKENS = (
 LLAMA3_SPLIT = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
-DEFAULT_PRETRAIN_STEPS = 150
-FORMAT_VERSION = "2"  # bump when the built artifact changes, so stale caches are rebuilt
+DEFAULT_PRETRAIN_STEPS = 80
+FORMAT_VERSION = "3"  # bump when the built artifact changes, so stale caches are rebuilt
 
 
 def default_tiny_dir() -> Path:
@@ -108,31 +108,6 @@ def tiny_llama_config(tokenizer: PreTrainedTokenizerFast) -> LlamaConfig:
     )
 
 
-def _pretrain_plain(model: LlamaForCausalLM, texts: list[str], eos_id: int, steps: int, seed: int,
-                    tokenizer: PreTrainedTokenizerFast, seq_len: int = 256, batch_size: int = 4) -> list[float]:
-    """A short causal-LM warm start on the bundled corpus (documents joined with EOS, fixed-length rows)."""
-    generator = torch.Generator().manual_seed(seed)
-    stream: list[int] = []
-    for text in texts:
-        stream += tokenizer(text, add_special_tokens=False)["input_ids"] + [eos_id]
-    rows = torch.tensor(stream[: len(stream) // seq_len * seq_len]).view(-1, seq_len)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, betas=(0.9, 0.95), weight_decay=0.1)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / 20) * max(0.1, 1 - s / steps))
-    model.train()
-    losses = []
-    for _ in range(steps):
-        batch = rows[torch.randint(0, len(rows), (batch_size,), generator=generator)]
-        loss = model(input_ids=batch, labels=batch).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-    model.eval()
-    return losses
-
-
 def build_tiny(
     out_dir: str | os.PathLike | None = None,
     *,
@@ -141,6 +116,9 @@ def build_tiny(
     force: bool = False,
 ) -> Path:
     """Build (or reuse) the tiny YuLan in Llama form: tokenizer + briefly pretrained model. Returns its directory.
+
+    Pretraining runs `PretrainRecipe` on a tiny yulanmini (the real path), converts it with `to_llama`, and keeps
+    the yulanmini form under `<dir>/yulanmini`.
 
     The result is cached: a directory that already holds a complete build (`tiny_build.json`) is returned as is
     unless `force`. Written to a temporary directory first and renamed, so an interrupted build leaves nothing.
@@ -151,20 +129,27 @@ def build_tiny(
     if marker.exists() and not force:
         return out
     torch.manual_seed(seed)
-    texts = bundled_corpus(seed=seed)
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     try:
-        tokenizer = build_tiny_tokenizer(staging, texts)
-        model = LlamaForCausalLM(tiny_llama_config(tokenizer))
-        losses = _pretrain_plain(model, texts, tokenizer.eos_token_id, steps, seed, tokenizer) if steps else []
-        model.generation_config.pad_token_id = tokenizer.pad_token_id
-        model.generation_config.eos_token_id = [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|eot_id|>")]
-        model.save_pretrained(str(staging))
+        tokenizer = build_tiny_tokenizer(staging, bundled_corpus(seed=seed))
+        if steps:
+            # The real path: a tiny yulanmini pretrained by PretrainRecipe (muP, WeSaR, z-loss, WSD), then to_llama.
+            from yulan_tune.pretrain import pretrain_tiny_base
+
+            pretrain_tiny_base(staging, staging, steps=steps, seed=seed)
+            # keep the yulanmini form (to continue pretraining or anneal from), drop the run's data and checkpoints
+            run = staging / "pretrain"
+            if (run / "run" / "final").is_dir():
+                (run / "run" / "final").rename(staging / "yulanmini")
+            shutil.rmtree(run, ignore_errors=True)
+        else:  # untrained: for tests that only need the shapes and the tokenizer
+            model = LlamaForCausalLM(tiny_llama_config(tokenizer))
+            model.generation_config.pad_token_id = tokenizer.pad_token_id
+            model.generation_config.eos_token_id = [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|eot_id|>")]
+            model.save_pretrained(str(staging))
         (staging / "tiny_build.json").write_text(json.dumps(
-            {"seed": seed, "pretrain_steps": steps, "format": FORMAT_VERSION,
-             "pretrain_loss_first": losses[0] if losses else None, "pretrain_loss_last": losses[-1] if losses else None},
-            indent=2))
+            {"seed": seed, "pretrain_steps": steps, "format": FORMAT_VERSION}, indent=2))
         if out.exists():
             shutil.rmtree(out)
         staging.rename(out)
