@@ -145,8 +145,16 @@ class CheckpointOptimizerState:
 
     @property
     def lr(self) -> float:
-        """The LR at the saved step of the full-rate group (the largest: muP groups only divide it, yulan_reference.md
-        3.2). This is where an annealing decay starts."""
+        """The LR at the saved step of the full-rate group: where an annealing decay starts. Groups written by
+        `training/mup.py` record their `lr_scale` (lr = full rate x lr_scale), so the full rate is lr / lr_scale
+        (equal for all groups); otherwise it is the largest group LR (YuLan's muP groups divide the full rate by
+        m_width = 7.5, yulan_reference.md 3.2)."""
+        if all("lr_scale" in group for group in self.param_groups):
+            rates = [float(group["lr"]) / float(group["lr_scale"]) for group in self.param_groups]
+            if max(rates) - min(rates) > 1e-9 * max(rates):
+                raise ValueError(f"{self.source}: param groups record lr / lr_scale = {rates}, which should be one "
+                                 "full rate; the checkpoint's groups are inconsistent")
+            return rates[0]
         return max(float(group["lr"]) for group in self.param_groups)
 
     @property
