@@ -26,7 +26,7 @@ import tempfile
 import textwrap
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -244,11 +244,11 @@ class Measurement:
         if len(batches) < steps:
             raise RuntimeError(f"{steps} steps but only {len(batches)} counted batches: is gradient accumulation or "
                                "a dataloader worker hiding batches from the counter?")
+        if warmup_steps < 1:
+            raise ValueError("warmup_steps must be at least 1: the window starts at the end of the last warmup step")
         measured = batches[warmup_steps:steps]
-        wall = self.clock.wall[-1] - self.clock.wall[warmup_steps - 1] if warmup_steps else None
-        cpu = self.clock.cpu[-1] - self.clock.cpu[warmup_steps - 1] if warmup_steps else None
-        if wall is None:
-            raise ValueError("warmup_steps must be at least 1 (the first step's start is not timed)")
+        wall = self.clock.wall[-1] - self.clock.wall[warmup_steps - 1]
+        cpu = self.clock.cpu[-1] - self.clock.cpu[warmup_steps - 1]
         trained = sum(b.trained_tokens for b in measured)
         processed = sum(b.input_tokens for b in measured)
         return {
@@ -640,7 +640,3 @@ def save_json(path: str | os.PathLike | None, data: Any) -> None:
     if path:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         Path(path).write_text(json.dumps(data, indent=2, default=str))
-
-
-def as_dict(obj: Any) -> dict[str, Any]:
-    return asdict(obj)

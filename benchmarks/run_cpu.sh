@@ -3,8 +3,9 @@
 # (yulanmini vs plain Llama), each as interleaved repetitions in fresh processes. Run it on a quiet machine: the
 # ratios survive a busy one, the absolute numbers do not. JSON of every run lands in $OUT_DIR.
 #
-#   bash benchmarks/run_cpu.sh          # about 8 min on 2 idle cores (the trl baselines take 5 of them)
-#   ONLY=sft bash benchmarks/run_cpu.sh # only the SFT comparison (the issue's CPU target), about 4 min
+#   bash benchmarks/run_cpu.sh          # estimated 8 min on 2 idle cores (the trl baselines take 5 of them);
+#                                       # measured 31 min on a busy one (load 5-9)
+#   ONLY=sft bash benchmarks/run_cpu.sh # only the SFT comparison (the issue's CPU target), estimated 4 min
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}

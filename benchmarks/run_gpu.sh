@@ -39,6 +39,21 @@ assert torch.cuda.is_available(), "no CUDA device"
 print(torch.__version__, torch.cuda.get_device_name(), f"{torch.cuda.get_device_properties(0).total_memory / 2**30:.0f} GiB")
 EOF
 
+# Liger's kernels are optional: check them once on a small model, and run without them if they fail here
+"$PY" - <<'EOF' || { echo "Liger kernels fail on this machine: the recipe runs without them"; export YULAN_BENCH_LIGER=0; }
+import importlib.util, sys, torch
+if importlib.util.find_spec("liger_kernel") is None:
+    sys.exit(0)
+from liger_kernel.transformers import _apply_liger_kernel_to_instance
+from transformers import LlamaConfig, LlamaForCausalLM
+model = LlamaForCausalLM(LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+                                     num_key_value_heads=2, vocab_size=1024)).cuda().to(torch.bfloat16)
+_apply_liger_kernel_to_instance(model=model, fused_linear_cross_entropy=False)
+ids = torch.randint(0, 1024, (1, 128), device="cuda")
+model(input_ids=ids, labels=ids).loss.backward()
+print("Liger kernels: ok")
+EOF
+
 MODEL=/tmp/yulan-mini-shape
 COMPILE=()
 [ "${TORCH_COMPILE:-0}" = 1 ] && COMPILE=(--torch-compile)

@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import os
 import sys
 import tempfile
 from dataclasses import asdict, dataclass, field
@@ -67,7 +68,8 @@ def gpu_options(device: str, torch_compile: bool) -> list[str]:
     if device != "cuda":
         return []
     args = []
-    if importlib.util.find_spec("liger_kernel") is not None:
+    # YULAN_BENCH_LIGER=0 turns Liger off (run_gpu.sh does so when its preflight finds the kernels broken)
+    if importlib.util.find_spec("liger_kernel") is not None and os.environ.get("YULAN_BENCH_LIGER", "1") != "0":
         args += ["--use_liger_kernel", "true"]  # trl keeps its own fused LM head; Liger adds RMSNorm/SwiGLU/RoPE
     if importlib.util.find_spec("flash_attn") is not None:
         args += ["--attn_implementation", "flash_attention_2"]  # varlen kernels for the padding-free batches
