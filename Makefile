@@ -40,7 +40,7 @@ test: install-test
 	$(PY) -m pytest -q
 
 bench: install-test
-	$(PY) benchmarks/sft_throughput.py
+	bash benchmarks/run_cpu.sh
 
 clean:
 	rm -rf outputs .pytest_cache
