@@ -43,21 +43,21 @@ import logging
 import math
 import os
 import re
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch.utils.checkpoint import checkpoint
-from torch.utils.data import Dataset
-from transformers import AutoConfig, PreTrainedModel, Trainer, TrainingArguments, default_data_collator
+from transformers import AutoConfig, PreTrainedModel, TrainingArguments, default_data_collator
 
+from yulan_tune.data.mixture import MixtureDataset
+from yulan_tune.data.mixture import parse_token_count as mixture_token_count
 from yulan_tune.data.packing import PackedDataset, prepare_packed_dataset
 from yulan_tune.loading import load_model, load_tokenizer
 from yulan_tune.modeling.yulanmini import YuLanMiniForCausalLM, causal_lm_loss_with_z_loss
 from yulan_tune.paths import cache_home
-from yulan_tune.training.mup import REFERENCE_BETAS, REFERENCE_EPS, REFERENCE_WEIGHT_DECAY, mup_adamw
 from yulan_tune.training.optim_state import (
     CheckpointOptimizerState,
     OptimizerStateReport,
@@ -67,26 +67,23 @@ from yulan_tune.training.optim_state import (
     read_optimizer_checkpoint,
 )
 from yulan_tune.training.schedules import WSDSchedule, canonical_decay_shape, create_wsd_scheduler
+from yulan_tune.training.trainer import YuLanTrainer, latest_complete_checkpoint
 
 logger = logging.getLogger(__name__)
 
 TINY_MODEL = "tiny"  # resolves to the tiny pre-annealing checkpoint (built on first use, see tiny_pre_annealing)
 IGNORE_INDEX = -100
-_TOKEN_SUFFIXES = {"": 1, "K": 10**3, "M": 10**6, "B": 10**9, "G": 10**9, "T": 10**12}
 
 
 def parse_token_count(value: str | int | float) -> int:
-    """'2B' -> 2_000_000_000, '500M', '1.5e6', 4096 (decimal suffixes K, M, B/G, T)."""
-    if isinstance(value, (int, float)):
-        count = float(value)
-    else:
-        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([KMBGTkmbgt]?)\s*", str(value))
-        if match is None:
-            raise ValueError(f"tokens={value!r}: expected a number with an optional K/M/B/T suffix, e.g. '2B'")
-        count = float(match.group(1)) * _TOKEN_SUFFIXES[match.group(2).upper()]
+    """'2B' -> 2_000_000_000, '500M', '1.5e6', 4096 (yulan_tune.data.mixture's parser; K/M/B/T suffixes). A float
+    (YAML reads `1.5e6` as one) must be a whole number of tokens."""
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    count = mixture_token_count(value, "tokens")
     if count < 1:
         raise ValueError(f"tokens={value!r}: the budget must be at least one token")
-    return int(count)
+    return count
 
 
 def parse_data_mix(value: dict[str, float] | str | None) -> dict[str, float]:
@@ -151,8 +148,9 @@ class AnnealConfig(TrainingArguments):
     strict_optimizer_state: bool = field(
         default=True, metadata={"help": "fail when a model parameter has no saved moments or a saved moment no "
                                         "parameter; false: load the matching part and report the rest"})
-    weight_decay_from_checkpoint: bool = field(
-        default=True, metadata={"help": "take betas, eps and weight decay from the checkpoint's optimizer groups"})
+    hyperparameters_from_checkpoint: bool = field(
+        default=True, metadata={"help": "take AdamW betas, eps and weight decay from the checkpoint's optimizer "
+                                        "groups (else adam_beta1/2, adam_epsilon, weight_decay below)"})
     export_dir: str | None = field(default=None, metadata={"help": "after training, export the plain Llama here"})
     export_max_position_embeddings: int | None = field(
         default=None, metadata={"help": "max_position_embeddings of the exported Llama (released YuLan-Mini: "
@@ -160,6 +158,16 @@ class AnnealConfig(TrainingArguments):
     export_dtype: str = field(default="auto", metadata={"help": "dtype of the export: auto (the model's), bfloat16, "
                                                                 "float32"})
     dtype: str | None = field(default=None, metadata={"help": "model dtype: float32 (default on CPU), bfloat16"})
+
+    # YuLan-Mini's values for TrainingArguments fields (yulan_reference.md 3.1), used when the checkpoint has none
+    weight_decay: float = 0.1
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_epsilon: float = 1e-15
+    max_grad_norm: float = 1.0
+    # the pretraining Trainer's sampler seeks to the resumed step itself (training/trainer.py)
+    ignore_data_skip: bool = True
+    remove_unused_columns: bool = False
 
     def __post_init__(self):
         self.decay = canonical_decay_shape(self.decay)
@@ -190,6 +198,11 @@ class AnnealSource:
 
 
 def _latest_trainer_checkpoint(path: Path) -> Path | None:
+    """The newest checkpoint-N of a training output dir: the newest complete one when the run wrote completion
+    records (PretrainRecipe's atomic checkpoints), else the highest-numbered one with an optimizer.pt."""
+    complete = latest_complete_checkpoint(path)
+    if complete is not None:
+        return complete
     found = sorted((int(p.name.split("-")[1]), p) for p in path.glob("checkpoint-*")
                    if p.name.split("-")[1].isdigit() and (p / "optimizer.pt").is_file())
     return found[-1][1] if found else None
@@ -307,43 +320,37 @@ def pack_source(source: str, tokenizer_dir: Path, seq_len: int, *, text_field: s
     return PackedDataset(out)
 
 
-class MixedPackedDataset(Dataset):
-    """`num_rows` rows drawn from several packed sources in proportion to their weights.
+def mix_rows(weights: dict[str, float], num_rows: int) -> dict[str, int]:
+    """Rows per source proportional to `weights`, summing to exactly `num_rows` (largest remainder)."""
+    exact = {name: weight * num_rows for name, weight in weights.items()}
+    rows = {name: math.floor(value) for name, value in exact.items()}
+    for name in sorted(exact, key=lambda n: exact[n] - rows[n], reverse=True)[:num_rows - sum(rows.values())]:
+        rows[name] += 1
+    return rows
 
-    Each source contributes round(weight * num_rows) rows (largest remainder, so the counts sum to num_rows), taken
-    from a seeded permutation of its rows; a source smaller than its share is repeated and the repetition is
-    reported in `composition`, never hidden. The rows of all sources are then interleaved in a seeded random order.
-    """
 
-    def __init__(self, sources: dict[str, PackedDataset], weights: dict[str, float], num_rows: int, seed: int) -> None:
-        self.sources = list(sources.values())
-        names = list(sources)
-        exact = [weights[name] * num_rows for name in names]
-        counts = [int(math.floor(x)) for x in exact]
-        for index in sorted(range(len(names)), key=lambda i: exact[i] - counts[i], reverse=True)[:num_rows - sum(counts)]:
-            counts[index] += 1
-        rng = np.random.default_rng(seed)
-        picks = []
-        self.composition: dict[str, dict[str, Any]] = {}
-        for source_index, (name, count) in enumerate(zip(names, counts)):
-            available = len(self.sources[source_index])
-            epochs = -(-count // available) if count else 0
-            order = np.concatenate([rng.permutation(available) for _ in range(epochs)])[:count] if count else []
-            picks += [(source_index, int(row)) for row in order]
-            self.composition[name] = {"weight": weights[name], "rows": count, "tokens": count *
-                                      self.sources[source_index].seq_len, "available_rows": available,
-                                      "epochs": count / available}
-            if count > available:
-                logger.warning("data source %s: %d rows requested, %d available: repeated %.2f times", name, count,
-                               available, count / available)
-        self.index = [picks[i] for i in rng.permutation(len(picks))]
+def stream_names(sources: list[str]) -> dict[str, str]:
+    """The name each source's row stream is seeded with (data/mixture.py `stream_rows`): its file or directory name,
+    so the data order depends on the seed and the data, not on where the files live; sources sharing a name get
+    their position in the mix appended."""
+    names = {source: Path(source).name or source for source in sources}
+    counts = {name: list(names.values()).count(name) for name in names.values()}
+    return {source: name if counts[name] == 1 else f"{name}#{i}" for i, (source, name) in enumerate(names.items())}
 
-    def __len__(self) -> int:
-        return len(self.index)
 
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        source_index, row = self.index[i]
-        return self.sources[source_index][row]
+def mixture_composition(mixture: MixtureDataset, weights: dict[str, float],
+                        names: dict[str, str] | None = None) -> dict[str, dict[str, Any]]:
+    """Per source: weight, rows, tokens, available rows, passes over it (> 1: rows repeat; reported, not hidden).
+    `names`: source -> its name in the mixture (default: the same)."""
+    names = names or {source: source for source in weights}
+    index = {name: i for i, name in enumerate(mixture.names)}
+    result = {}
+    for source, weight in weights.items():
+        i = index[names[source]]
+        rows = int((mixture.source_index == i).sum())
+        result[source] = {"weight": weight, "rows": rows, "tokens": rows * mixture.seq_len,
+                          "available_rows": len(mixture.sources[i]), "passes": mixture.passes[names[source]]}
+    return result
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -386,19 +393,17 @@ def chunked_causal_lm_loss(
 # Trainer
 
 
-class AnnealTrainer(Trainer):
-    """transformers.Trainer through its hooks: `create_optimizer` builds the muP AdamW and fills it with the
-    checkpoint's moments and step; `create_scheduler` decays from the checkpoint's step; `compute_loss` optionally
-    chunks the cross-entropy."""
+class AnnealTrainer(YuLanTrainer):
+    """The pretraining Trainer (muP AdamW from the TrainingArguments' LR / betas / eps / weight decay, WSD schedule,
+    seekable data order) with three changes through its hooks: `create_optimizer` fills the AdamW with the
+    checkpoint's moments and step; `create_scheduler` continues the checkpoint's step count; `compute_loss`
+    optionally chunks the cross-entropy."""
 
-    def __init__(self, *args: Any, optimizer_checkpoint: CheckpointOptimizerState | None, schedule: WSDSchedule,
-                 peak_lr: float, hyperparameters: dict[str, Any], loss_chunk_size: int | None = None,
-                 **kwargs: Any) -> None:
+    def __init__(self, *args: Any, optimizer_checkpoint: CheckpointOptimizerState | None,
+                 loss_chunk_size: int | None = None, strict_optimizer_state: bool = True, **kwargs: Any) -> None:
         self.optimizer_checkpoint = optimizer_checkpoint
-        self.schedule = schedule
-        self.peak_lr = peak_lr
-        self.hyperparameters = hyperparameters
         self.loss_chunk_size = loss_chunk_size
+        self.strict_optimizer_state = strict_optimizer_state
         self.optimizer_report: OptimizerStateReport | None = None
         self._final_hidden: dict[str, torch.Tensor] = {}
         if loss_chunk_size is not None:
@@ -414,15 +419,13 @@ class AnnealTrainer(Trainer):
     def create_optimizer(self, model: torch.nn.Module | None = None) -> torch.optim.Optimizer:
         if self.optimizer is None:
             model = self.model if model is None else model
-            self.optimizer = mup_adamw(model, lr=self.peak_lr, **self.hyperparameters)
+            super().create_optimizer(model)
             if self.optimizer_checkpoint is not None:
                 saved = self.optimizer_checkpoint
                 source_names = None if saved.named else hf_default_param_groups(self, model)
-                self.optimizer_report = load_optimizer_state(
-                    saved, model, self.optimizer, source_param_names=source_names,
-                    strict=self.args.strict_optimizer_state,
-                    load_master_weights=False,  # the recipe already put the master weights into the model
-                )
+                self.optimizer_report = load_optimizer_state(saved, model, self.optimizer,
+                                                             source_param_names=source_names,
+                                                             strict=self.strict_optimizer_state)
                 logger.info(self.optimizer_report.summary())
         return self.optimizer
 
@@ -476,7 +479,8 @@ class AnnealRecipe:
         self.optimizer_checkpoint = optimizer_checkpoint
         self.model: YuLanMiniForCausalLM | None = None
         self.trainer: AnnealTrainer | None = None
-        self.dataset: MixedPackedDataset | None = None
+        self.dataset: MixtureDataset | None = None
+        self.composition: dict[str, dict[str, Any]] | None = None
 
     # ---------------------------------------------------------------------------------------------- construction
 
@@ -546,15 +550,18 @@ class AnnealRecipe:
         return WSDSchedule(warmup_steps=0, stable_steps=0, decay_steps=self.decay_steps, decay_shape=self.config.decay,
                            start_step=self.start_step, end_factor=self.config.end_lr_ratio)
 
-    def optimizer_hyperparameters(self) -> dict[str, Any]:
-        """betas, eps, weight decay: the checkpoint's (its full-rate group's) by default, else the reference's."""
-        c = self.config
-        hyper = {"betas": REFERENCE_BETAS, "eps": REFERENCE_EPS, "weight_decay": c.weight_decay}
-        if c.weight_decay_from_checkpoint and self.optimizer_checkpoint is not None:
-            group = max(self.optimizer_checkpoint.param_groups, key=lambda g: float(g["lr"]))
-            hyper = {"betas": tuple(group.get("betas", REFERENCE_BETAS)), "eps": float(group.get("eps", REFERENCE_EPS)),
-                     "weight_decay": float(group.get("weight_decay", REFERENCE_WEIGHT_DECAY))}
-        return hyper
+    def apply_optimizer_settings(self) -> None:
+        """Put the anneal's AdamW settings into the TrainingArguments the Trainer builds its optimizer from: the LR
+        of the full-rate group (muP groups scale it), and the checkpoint's betas, eps and weight decay (taken from its
+        full-rate group; YuLan-Mini: (0.9, 0.95), 1e-15, 0.1) unless hyperparameters_from_checkpoint is off."""
+        c, saved = self.config, self.optimizer_checkpoint
+        c.learning_rate = self.peak_lr
+        if c.hyperparameters_from_checkpoint and saved is not None:
+            group = max(saved.param_groups, key=lambda g: float(g["lr"]) / float(g.get("lr_scale", 1.0)))
+            if "betas" in group:
+                c.adam_beta1, c.adam_beta2 = (float(beta) for beta in group["betas"])
+            c.adam_epsilon = float(group.get("eps", c.adam_epsilon))
+            c.weight_decay = float(group.get("weight_decay", c.weight_decay))
 
     def load_model(self) -> YuLanMiniForCausalLM:
         """The checkpoint's yulanmini model, with the RoPE base and positions switched for long context (ABF)."""
@@ -593,30 +600,40 @@ class AnnealRecipe:
                     copied += 1
         logger.info("copied %d fp32 master weights from %s", copied, saved.source)
 
-    def build_dataset(self) -> MixedPackedDataset:
+    def build_dataset(self) -> MixtureDataset:
+        """The data mix as the pretraining mixture: round(weight x rows) rows of each source in one seeded order;
+        a source smaller than its share repeats (counted in `composition`)."""
         c = self.config
         root = Path(c.packed_data_dir) if c.packed_data_dir else None
-        sources = {name: pack_source(name, self.source.model_dir, c.seq_len, text_field=c.text_field, cache_root=root)
-                   for name in c.data}
-        rows = self.decay_steps * c.per_device_train_batch_size * c.gradient_accumulation_steps * self.world_size
-        return MixedPackedDataset(sources, c.data, rows, seed=c.seed)
+        names = stream_names(list(c.data))
+        sources = {names[source]: pack_source(source, self.source.model_dir, c.seq_len, text_field=c.text_field,
+                                              cache_root=root) for source in c.data}
+        num_rows = self.decay_steps * c.per_device_train_batch_size * c.gradient_accumulation_steps * self.world_size
+        rows = mix_rows({names[source]: weight for source, weight in c.data.items()}, num_rows)
+        mixture = MixtureDataset(sources, rows, seed=c.seed, shuffle_seed=c.seed)
+        self.composition = mixture_composition(mixture, c.data, names)
+        for name, part in self.composition.items():
+            if part["passes"] > 1:
+                logger.warning("data source %s: %d rows requested, %d available: repeated %.2f times", name,
+                               part["rows"], part["available_rows"], part["passes"])
+        return mixture
 
     def build_trainer(self) -> AnnealTrainer:
         c = self.config
         self.dataset = self.build_dataset()
         self.model = self.load_model()
         c.max_steps = self.decay_steps  # the budget, not epochs, ends the run
+        self.apply_optimizer_settings()
         self.trainer = AnnealTrainer(
             model=self.model,
             args=c,
             train_dataset=self.dataset,
             data_collator=default_data_collator,  # input_ids, labels, position_ids; no attention_mask (packed rows)
             processing_class=self.tokenizer,
-            optimizer_checkpoint=self.optimizer_checkpoint,
             schedule=self.schedule,
-            peak_lr=self.peak_lr,
-            hyperparameters=self.optimizer_hyperparameters(),
+            optimizer_checkpoint=self.optimizer_checkpoint,
             loss_chunk_size=c.loss_chunk_size,
+            strict_optimizer_state=c.strict_optimizer_state,
         )
         return self.trainer
 
@@ -641,7 +658,7 @@ class AnnealRecipe:
             "checkpoint_group_lrs": saved.group_lrs if saved else None,
             "seq_len": c.seq_len,
             "rope_theta": c.rope_theta,
-            "data": self.dataset.composition if self.dataset is not None else c.data,
+            "data": self.composition if self.composition is not None else c.data,
         }
 
     def run(self) -> dict[str, Any]:
@@ -693,57 +710,49 @@ class AnnealRecipe:
 
 TINY_PRE_ANNEALING_VERSION = "1"
 TINY_STABLE_STEPS = 60
-TINY_STABLE_LR = 1e-2  # YuLan-Mini's stable-phase peak (yulan_reference.md 3.1); matrices at 1e-2 / m_width
-TINY_ROPE_THETA = 10000.0  # the 4K stage's base (1.1); the anneal may switch it (ABF)
-
-
-def tiny_yulanmini_config(tokenizer: Any, max_position_embeddings: int = 4096, **shape: int) -> Any:
-    """The tiny YuLan's shape (modeling/tiny.py TINY_SHAPE, overridable by `shape`) in the yulanmini training form,
-    muP factors from its own width and depth (YuLanMiniConfig.for_shape), tied embeddings as YuLan's training (1.2)."""
-    from yulan_tune.modeling.tiny import TINY_SHAPE
-    from yulan_tune.modeling.yulanmini import YuLanMiniConfig
-
-    return YuLanMiniConfig.for_shape(
-        **{**TINY_SHAPE, **shape}, dim_model_base_lr=256, max_position_embeddings=max_position_embeddings,
-        rope_parameters={"rope_type": "default", "rope_theta": TINY_ROPE_THETA}, tie_word_embeddings=True,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-    )
+TINY_STABLE_LR = 1e-2  # YuLan-Mini's stable-phase peak (yulan_reference.md 3.1); hidden matrices at 1e-2 / m_width
+TINY_ROPE_THETA = 10000.0  # the 4K stage's base (1.1), so that the anneal's ABF switch to 490000 is a real switch
 
 
 def tiny_pre_annealing(out_dir: str | os.PathLike | None = None, *, tokenizer_dir: str | os.PathLike | None = None,
                        corpus: str = "bundled:corpus", steps: int = TINY_STABLE_STEPS, lr: float = TINY_STABLE_LR,
                        seq_len: int = 256, batch_size: int = 8, seed: int = 0, force: bool = False,
-                       **shape: Any) -> Path:
-    """A tiny stable-phase checkpoint to anneal from, built on first use: a yulanmini model of the tiny YuLan's shape
-    pretrained from scratch the YuLan way (muP AdamW, z-loss, WeSaR) for `steps` steps at a constant LR on the
-    bundled corpus with the Trainer, saved as an HF `checkpoint-N` with its optimizer state. Returns that dir (cached
-    under $YULAN_TUNE_HOME unless `out_dir`). `tokenizer_dir`: the tiny tokenizer to use (default: trained here);
-    `corpus`: the stable phase's data source; `shape`: config overrides (tests use a narrower model)."""
-    from yulan_tune.modeling.tiny import build_tiny_tokenizer
+                       **model_config: Any) -> Path:
+    """A tiny stable-phase checkpoint to anneal from, built on first use by our own pretraining recipe
+    (`PretrainRecipe`: a yulanmini of the tiny YuLan's shape from a muP init, muP AdamW, z-loss, a short warmup and
+    then a constant LR, no decay) on `corpus`; returns its last `checkpoint-N` (weights, optimizer state, tokenizer).
+    Cached under $YULAN_TUNE_HOME unless `out_dir`. `tokenizer_dir`: the tiny tokenizer (default: trained here);
+    `model_config`: overrides of the tiny shape (tests use a narrower model)."""
+    from yulan_tune.modeling.tiny import TINY_SHAPE, build_tiny_tokenizer
+    from yulan_tune.pretrain import PretrainConfig, PretrainRecipe
 
     root = Path(out_dir) if out_dir is not None else cache_home() / f"tiny-pre-annealing-v{TINY_PRE_ANNEALING_VERSION}"
-    checkpoint_dir = root / f"checkpoint-{steps}"
-    if (checkpoint_dir / "optimizer.pt").is_file() and not force:
+    run_dir = root / "run"
+    checkpoint_dir = run_dir / f"checkpoint-{steps}"
+    if latest_complete_checkpoint(run_dir) == checkpoint_dir and not force:
         return checkpoint_dir
+    if force:
+        shutil.rmtree(run_dir, ignore_errors=True)
     root.mkdir(parents=True, exist_ok=True)
     if tokenizer_dir is None:
         tokenizer_dir = root / "tokenizer"
-        build_tiny_tokenizer(tokenizer_dir)
-    tokenizer = load_tokenizer(tokenizer_dir)
-    torch.manual_seed(seed)
-    model = YuLanMiniForCausalLM(tiny_yulanmini_config(tokenizer, **shape))
+        if not (tokenizer_dir / "tokenizer.json").is_file():
+            build_tiny_tokenizer(tokenizer_dir)
     packed = pack_source(corpus, Path(tokenizer_dir), seq_len, cache_root=root / "packed")
-    dataset = MixedPackedDataset({corpus: packed}, {corpus: 1.0}, steps * batch_size, seed=seed)
-    args = TrainingArguments(output_dir=str(root), max_steps=steps, per_device_train_batch_size=batch_size,
-                             save_strategy="steps", save_steps=steps, report_to="none", logging_steps=10, seed=seed,
-                             use_cpu=not torch.cuda.is_available(), disable_tqdm=True, max_grad_norm=1.0)
-    # linear warmup, then constant: the stable phase never decays (3.4)
-    stable = WSDSchedule(warmup_steps=max(steps // 6, 1), stable_steps=None)
-    trainer = AnnealTrainer(model=model, args=args, train_dataset=dataset, data_collator=default_data_collator,
-                            processing_class=tokenizer, optimizer_checkpoint=None, schedule=stable, peak_lr=lr,
-                            hyperparameters={"weight_decay": REFERENCE_WEIGHT_DECAY})
-    trainer.train()
-    tokenizer.save_pretrained(str(checkpoint_dir))
+    curriculum = root / "curriculum.yaml"  # one stable phase of exactly `steps` steps; JSON is valid YAML
+    curriculum.write_text(json.dumps({"seq_len": seq_len, "datasets": {"stable": str(packed.path)},
+                                      "phases": [{"name": "stable", "tokens": {"stable": steps * batch_size * seq_len}}]}))
+    shape = {key: TINY_SHAPE[key] for key in ("hidden_size", "num_hidden_layers", "num_attention_heads",
+                                              "num_key_value_heads", "head_dim", "intermediate_size")}
+    config = PretrainConfig(
+        output_dir=str(run_dir), curriculum=str(curriculum), tokenizer=str(tokenizer_dir), seq_len=seq_len, seed=seed,
+        model_config={**shape, "rope_parameters": {"rope_type": "default", "rope_theta": TINY_ROPE_THETA},
+                      "max_position_embeddings": 4096, **model_config},
+        per_device_train_batch_size=batch_size, learning_rate=lr, warmup_steps=max(steps // 6, 1), decay_steps=0,
+        save_steps=steps, keep_last_checkpoints=1, monitor_every_steps=0, logging_steps=max(steps // 6, 1),
+        report_to="none", export_llama=False, use_cpu=not torch.cuda.is_available(), disable_tqdm=True,
+    )
+    PretrainRecipe(config).run()
     return checkpoint_dir
 
 
