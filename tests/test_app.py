@@ -117,8 +117,11 @@ def model_dir(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     needs to tell one conversation's answer from another's."""
     out = tmp_path_factory.mktemp("untrained_tiny")
     shutil.copytree(tiny_dir, out, dirs_exist_ok=True)  # tokenizer, chat template, generation config
+    # the tiny config carries YuLan-Mini's initializer_range (5e-5; its scale lives in WeSaR alphas): a plain Llama
+    # initialised with it gives near-zero logits and the same answer to every prompt
+    config = AutoConfig.from_pretrained(str(tiny_dir), initializer_range=0.02)
     torch.manual_seed(0)
-    LlamaForCausalLM(AutoConfig.from_pretrained(str(tiny_dir))).save_pretrained(str(out))
+    LlamaForCausalLM(config).save_pretrained(str(out))
     return out
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import mmap
+
 import numpy as np
 import pytest
 import torch
@@ -125,8 +127,11 @@ def test_compare_takes_medians_and_per_repetition_ratios():
 def test_peak_rss_window_starts_at_reset():
     common.reset_peak_memory("cpu")
     before = common.peak_memory("cpu")["peak_rss_mib"]
-    block = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
-    del block
+    # a fresh anonymous mapping, every page written: torch or malloc could reuse pages freed by earlier tests,
+    # which would not raise the resident set at all
+    block = mmap.mmap(-1, 64 * 2**20)
+    block.write(b"\1" * len(block))
+    block.close()
     after_alloc = common.peak_memory("cpu")["peak_rss_mib"]
     assert after_alloc >= before + 60
     common.reset_peak_memory("cpu")

@@ -182,8 +182,9 @@ class RankSummaryCallback(TrainerCallback):
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
         checksum = sum(float(p.detach().float().sum()) for p in model.parameters() if p.requires_grad) if model else 0.0
-        print(f"rank {args.process_index}/{args.world_size}: steps={state.global_step} "
-              f"trainable_checksum={checksum:.6e}", flush=True)
+        # one write with its newline: ranks share stdout, and print's separate "\n" write can interleave
+        line = f"rank {args.process_index}/{args.world_size}: steps={state.global_step} trainable_checksum={checksum:.6e}"
+        print(line + "\n", end="", flush=True)
 
 
 class SFTRecipe:
