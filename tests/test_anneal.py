@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaForCausalLM, default_data_collator
+from transformers import AutoModelForCausalLM, LlamaForCausalLM, TrainerCallback, default_data_collator
 
 from test_optim_state import write_universal_checkpoint
 from yulan_tune.anneal import (
@@ -30,6 +30,7 @@ from yulan_tune.anneal import (
     parse_config,
     parse_data_mix,
     parse_token_count,
+    resolve_source,
     stream_names,
     tiny_pre_annealing,
 )
@@ -102,8 +103,19 @@ def branches(workdir):
                                          decay="1-sqrt", output_dir=str(root / "decay"),
                                          packed_data_dir=str(root / "packed"), **COMMON)
     constant = decay.branch(str(root / "constant"), end_lr_ratio=1.0)  # end = start: a constant LR
+    decay.build_trainer().add_callback(lr_recorder := LearningRateRecorder())
     metrics = {"decay": decay.run(), "constant": constant.run()}
-    return decay, constant, metrics, before
+    return decay, constant, metrics, before, lr_recorder.lrs
+
+
+class LearningRateRecorder(TrainerCallback):
+    """The LR of every param group at the moment each optimizer step is taken, inside the real training loop."""
+
+    def __init__(self) -> None:
+        self.lrs: list[dict[str, float]] = []
+
+    def on_pre_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
+        self.lrs.append({group["name"]: group["lr"] for group in optimizer.param_groups})
 
 
 @torch.no_grad()
@@ -186,12 +198,23 @@ def test_optimizer_state_and_schedule_from_checkpoint(workdir, layout, tmp_path)
         scheduler.step()
 
 
+def test_training_loop_uses_the_closed_form_lr_at_every_step(branches):
+    """Inside Trainer.train: optimizer step k of the decay (global step S + k) runs at peak * lr_scale * (1 - sqrt(k/N))
+    for every muP group."""
+    decay, _, _, _, lrs = branches
+    assert len(lrs) == ANNEAL_STEPS
+    scales = {group["name"]: group["lr_scale"] for group in decay.trainer.optimizer.param_groups}
+    for k, step_lrs in enumerate(lrs):
+        for name, lr in step_lrs.items():
+            assert lr == pytest.approx(closed_form_lr(STABLE_LR, scales[name], k, ANNEAL_STEPS), rel=1e-12, abs=1e-15)
+
+
 # ------------------------------------------------------------------------------------------- the anneal itself
 
 
 def test_anneal_lowers_domain_loss_more_than_constant_lr(workdir, branches):
     root, checkpoint, data = workdir
-    decay, constant, metrics, _ = branches
+    decay, constant, metrics, _, _ = branches
     before = heldout_loss(AutoModelForCausalLM.from_pretrained(checkpoint), data, checkpoint)
     annealed = heldout_loss(decay.trainer.model, data, checkpoint)
     constant_lr = heldout_loss(constant.trainer.model, data, checkpoint)
@@ -206,7 +229,7 @@ def test_anneal_lowers_domain_loss_more_than_constant_lr(workdir, branches):
 
 def test_branches_leave_the_source_byte_identical(workdir, branches):
     root, checkpoint, _ = workdir
-    decay, constant, _, before = branches
+    decay, constant, _, before, _ = branches
     assert tree_digest(checkpoint) == before
     assert constant.optimizer_checkpoint is decay.optimizer_checkpoint  # read once, shared, not copied
     for recipe in (decay, constant):
@@ -312,7 +335,7 @@ def test_cli_yaml_run_with_memory_options_and_export(workdir, tmp_path):
     out, export = tmp_path / "cli", tmp_path / "cli-llama"
     argv = ["--config", str(RECIPES_DIR / "configs" / "anneal_tiny.yaml"), "--model_name_or_path", str(checkpoint),
             "--data", json.dumps(mix(data)), "--tokens", str(2 * BATCH * 2 * SEQ), "--seq_len", str(2 * SEQ),
-            "--per_device_train_batch_size", str(BATCH), "--gradient_checkpointing", "true",
+            "--per_device_train_batch_size", str(BATCH), "--activation_checkpointing", "true",
             "--loss_chunk_size", "100", "--output_dir", str(out), "--export_dir", str(export), "--use_cpu", "true",
             "--packed_data_dir", str(root / "packed")]
     assert anneal_main(argv) == 0
@@ -348,6 +371,21 @@ def test_config_parsing_and_yaml(tmp_path):
     override = parse_config(["--config", str(RECIPES_DIR / "configs" / "anneal_tiny.yaml"), "--decay", "cosine",
                              "--tokens", "1M", "--output_dir", str(tmp_path)])
     assert override.decay == "cosine" and override.token_budget == 1_000_000
+
+
+def test_sources_without_optimizer_state_fail_with_what_to_do(workdir, tmp_path):
+    root, checkpoint, _ = workdir
+    with pytest.raises(FileNotFoundError, match="huggingface-cli download"):
+        resolve_source("yulan-team/no-such-checkpoint-offline")  # tests run with HF_HUB_OFFLINE=1
+    model_only = tmp_path / "model-only"  # weights without optimizer state, e.g. a final/ or a released model
+    model_only.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy2(checkpoint / name, model_only / name)
+    with pytest.raises(FileNotFoundError, match="no optimizer state"):
+        resolve_source(str(model_only))
+    assert resolve_source(str(model_only), optimizer_state="none").optimizer_dir is None
+    # a training output dir resolves to its newest complete checkpoint
+    assert resolve_source(str(checkpoint.parent)).model_dir == checkpoint
 
 
 def test_mixture_counts_and_reports_repetition(workdir):

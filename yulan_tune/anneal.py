@@ -23,7 +23,7 @@ What YuLan-Mini did in its annealing phases (yulan_reference.md 3.4, 4, 7.12, 7.
   The pre-annealing data position is neither replayed nor skipped through: only the model, optimizer state and step
   are taken from the checkpoint, never its dataloader state.
 - Long context: the RoPE base switch (ABF, 10000 -> 490000 as YuLan's 28K model) and the new row length; activation
-  checkpointing (`gradient_checkpointing`) and a chunked cross-entropy (`loss_chunk_size`) that never materializes
+  checkpointing (`activation_checkpointing`) and a chunked cross-entropy (`loss_chunk_size`) that never materializes
   the [tokens, vocab] logits (at 28K x 99000 they would be 11 GB in fp32 per row).
 - Branching: any number of decays (other data, shape, budget) from one checkpoint, each into its own output dir;
   the source is only read, never copied or written (`AnnealRecipe.branch`).
@@ -180,8 +180,6 @@ class AnnealConfig(TrainingArguments):
             raise ValueError(f"seq_len must be >= 2, got {self.seq_len}")
         if self.loss_chunk_size is not None and self.loss_chunk_size < 1:
             raise ValueError(f"loss_chunk_size must be >= 1 or None, got {self.loss_chunk_size}")
-        if self.gradient_checkpointing and not self.gradient_checkpointing_kwargs:
-            self.gradient_checkpointing_kwargs = {"use_reentrant": False}
         super().__post_init__()
 
 

@@ -6,7 +6,8 @@
 The loss is a config choice, `loss_type`, and each runs through trl:
 - DPO and its direct siblings (`sigmoid` = DPO, `ipo`, `hinge`, and trl's other DPO losses): `trl.DPOTrainer`;
 - `simpo`: trl's CPO trainer with SimPO's loss (length-normalized, reference-free, `cpo_alpha` 0 = pure SimPO);
-- `orpo`: trl's ORPO trainer (reference-free: NLL on chosen plus `beta` x odds-ratio term);
+- `orpo`: trl's ORPO trainer (reference-free: NLL on chosen plus `beta` x odds-ratio term; trl 1.16 takes that
+  NLL over the whole chosen sequence, prompt tokens included, where the ORPO paper uses the response only);
 - `kto` (or `apo_zero_unpaired`): `trl.KTOTrainer`; pairs are unpaired into desirable / undesirable rows.
 
 Pairs are validated and tokenized once by `yulan_tune.data.preferences` with the SFT chat rendering, and handed to
@@ -350,6 +351,8 @@ class DPORecipe:
         if self.train_data is None:
             self.prepare_data()
         model = self._load()
+        if not _is_quantized(model):
+            model.to(c.device)  # score the held-out pairs on the accelerator (the Trainer would move it there anyway)
         if self.heldout is not None and len(self.heldout):
             # the policy before training is the reference of every method (LoRA B starts at zero)
             self.reference_heldout = pair_logps(model, self.heldout, self.tokenizer.pad_token_id)
