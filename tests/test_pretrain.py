@@ -73,7 +73,10 @@ class ReportStep(TrainerCallback):
         self.path = path
 
     def on_step_end(self, args, state, control, **kwargs):
-        self.path.write_text(str(state.global_step))
+        # write then rename: the parent polls the file and must never read it half-written (empty)
+        partial = self.path.with_suffix(".partial")
+        partial.write_text(str(state.global_step))
+        os.replace(partial, self.path)
 
 
 def _run_in_child(config: PretrainConfig, callbacks: list, kill_while_saving_step: int | None = None) -> None:
@@ -107,7 +110,7 @@ def test_sigkill_at_random_step_and_while_saving_resumes_bitwise(workspace, tiny
     child = context.Process(target=_run_in_child, args=(config, [ReportStep(progress)]))
     child.start()
     deadline = time.monotonic() + 300
-    while not (progress.exists() and progress.read_text() and int(progress.read_text()) >= kill_at):
+    while not (progress.exists() and int(progress.read_text()) >= kill_at):
         assert child.is_alive() and time.monotonic() < deadline, "the child stopped before the kill step"
         time.sleep(0.002)
     os.kill(child.pid, signal.SIGKILL)
