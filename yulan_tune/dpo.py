@@ -47,7 +47,7 @@ from yulan_tune.data.preferences import (
 )
 from yulan_tune.loading import load_model, load_tokenizer
 from yulan_tune.paths import RECIPES_DIR
-from yulan_tune.sft import TINY_MODEL, LoraGradientGuard, lora_config, resolve_model_path
+from yulan_tune.sft import TINY_MODEL, LoraGradientGuard, ModelAndAdapterFields, lora_config, resolve_model_path
 
 logger = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ def preference_method(loss_type: list[str]) -> str:
 
 
 @dataclass
-class DPOConfig(trl.DPOConfig):
+class DPOConfig(trl.DPOConfig, ModelAndAdapterFields):
     """trl.DPOConfig plus what a recipe needs; every field can be set in YAML or overridden on the command line."""
 
     model_name_or_path: str = field(default=TINY_MODEL, metadata={"help": "the SFT model: hub id, local dir, 'tiny'"})
@@ -90,27 +90,9 @@ class DPOConfig(trl.DPOConfig):
     eval_dataset_split: str = field(default="test", metadata={"help": "split of eval_dataset for dirs / hub"})
     num_bundled_pairs: int = field(default=1000, metadata={"help": "training pairs generated for bundled data"})
     num_heldout_pairs: int = field(default=200, metadata={"help": "held-out pairs generated for bundled data"})
-    chat_template: str | None = field(
-        default=None, metadata={"help": "a name in chat_templates/ or a .jinja path; default: the model's own"}
-    )
-    on_bad_rows: str = field(
-        default="raise", metadata={"help": "'raise' stops at the first invalid row; 'skip' counts and reports it"}
-    )
     overlong: str = field(
         default="drop", metadata={"help": "pairs longer than max_length: 'drop' or 'truncate' (both counted)"}
     )
-    quantization: str | None = field(default=None, metadata={"help": "None, '4bit' (QLoRA, NF4) or '8bit'"})
-    dtype: str | None = field(default=None, metadata={"help": "float32, bfloat16, ...; default bf16 on GPU else fp32"})
-    attn_implementation: str | None = field(default=None, metadata={"help": "sdpa, eager, flash_attention_2"})
-    use_peft: bool = field(default=False, metadata={"help": "train a LoRA adapter; the reference = adapter disabled"})
-    lora_r: int = field(default=16)
-    lora_alpha: int = field(default=32)
-    lora_dropout: float = field(default=0.05)
-    lora_target_modules: list[str] = field(
-        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    )
-    use_dora: bool = field(default=False, metadata={"help": "weight-decomposed LoRA (DoRA)"})
-    use_rslora: bool = field(default=False, metadata={"help": "rank-stabilized LoRA scaling alpha/sqrt(r)"})
     simpo_gamma: float = field(default=0.5, metadata={"help": "SimPO target reward margin (loss_type: [simpo])"})
     cpo_alpha: float = field(default=0.0, metadata={"help": "NLL weight for loss_type [simpo]; 0 = pure SimPO"})
     desirable_weight: float = field(default=1.0, metadata={"help": "KTO weight of desirable rows"})

@@ -31,22 +31,16 @@ BUNDLED_MATH = "bundled:math"  # dataset value that resolves to the generated ma
 
 
 @dataclass
-class SFTConfig(trl.SFTConfig):
-    """trl.SFTConfig plus what a recipe needs; every field can be set in YAML or overridden on the command line."""
+class ModelAndAdapterFields:
+    """Config fields the SFT and DPO recipes share: how the model is loaded (precision, quantization, attention), the
+    LoRA adapter (for DPO, the reference model is the policy with the adapter disabled), the chat template and what
+    to do with invalid rows."""
 
-    model_name_or_path: str = field(default=TINY_MODEL, metadata={"help": "hub id, local dir, or 'tiny'"})
-    dataset: str = field(default=BUNDLED_MATH, metadata={"help": "file, dir, datasets dir, hub name or 'bundled:math'"})
-    dataset_split: str = field(default="train", metadata={"help": "split to read from dataset dirs / hub datasets"})
-    eval_dataset: str | None = field(default=None, metadata={"help": "optional held-out data in any supported format"})
-    num_bundled_examples: int = field(default=2000, metadata={"help": "size of the generated bundled:math set"})
     chat_template: str | None = field(
         default=None, metadata={"help": "a name in chat_templates/ or a .jinja path; default: the model's own"}
     )
     on_bad_rows: str = field(
         default="raise", metadata={"help": "'raise' stops at the first invalid row; 'skip' counts and reports it"}
-    )
-    overlong: str = field(
-        default="truncate", metadata={"help": "rows longer than max_length: 'truncate' or 'drop' (both counted)"}
     )
     quantization: str | None = field(default=None, metadata={"help": "None, '4bit' (QLoRA, NF4) or '8bit'"})
     dtype: str | None = field(default=None, metadata={"help": "float32, bfloat16, ...; default bf16 on GPU else fp32"})
@@ -60,6 +54,20 @@ class SFTConfig(trl.SFTConfig):
     )
     use_dora: bool = field(default=False, metadata={"help": "weight-decomposed LoRA (DoRA)"})
     use_rslora: bool = field(default=False, metadata={"help": "rank-stabilized LoRA scaling alpha/sqrt(r)"})
+
+
+@dataclass
+class SFTConfig(trl.SFTConfig, ModelAndAdapterFields):
+    """trl.SFTConfig plus what a recipe needs; every field can be set in YAML or overridden on the command line."""
+
+    model_name_or_path: str = field(default=TINY_MODEL, metadata={"help": "hub id, local dir, or 'tiny'"})
+    dataset: str = field(default=BUNDLED_MATH, metadata={"help": "file, dir, datasets dir, hub name or 'bundled:math'"})
+    dataset_split: str = field(default="train", metadata={"help": "split to read from dataset dirs / hub datasets"})
+    eval_dataset: str | None = field(default=None, metadata={"help": "optional held-out data in any supported format"})
+    num_bundled_examples: int = field(default=2000, metadata={"help": "size of the generated bundled:math set"})
+    overlong: str = field(
+        default="truncate", metadata={"help": "rows longer than max_length: 'truncate' or 'drop' (both counted)"}
+    )
     eval_math_problems: int = field(
         default=0, metadata={"help": "if > 0, measure held-out math exact-match on this many problems after training"}
     )
@@ -183,7 +191,8 @@ class RankSummaryCallback(TrainerCallback):
     def on_train_end(self, args, state, control, model=None, **kwargs):
         checksum = sum(float(p.detach().float().sum()) for p in model.parameters() if p.requires_grad) if model else 0.0
         # one write with its newline: ranks share stdout, and print's separate "\n" write can interleave
-        line = f"rank {args.process_index}/{args.world_size}: steps={state.global_step} trainable_checksum={checksum:.6e}"
+        line = (f"rank {args.process_index}/{args.world_size}: steps={state.global_step} "
+                f"trainable_checksum={checksum:.6e}")
         print(line + "\n", end="", flush=True)
 
 
