@@ -12,6 +12,7 @@ How a comparison is measured (the issue's rule: ratios from one run, never one-o
 
 from __future__ import annotations
 
+import argparse
 import ast
 import datetime as dt
 import json
@@ -578,6 +579,38 @@ def single_row(what: str, summary: dict[str, Any], env: dict[str, Any]) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------- environment
+
+
+def benchmark_arguments(description: str, *, reps: int, steps: int) -> argparse.ArgumentParser:
+    """The arguments every comparison takes: the hidden worker protocol (`run_worker`), device, repetitions, steps,
+    seed, per-run timeout and where results go. Each script adds its own on the returned parser."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--settings", help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--reps", type=int, default=reps, help="repetitions of each variant, interleaved")
+    parser.add_argument("--steps", type=int, default=steps, help="optimizer steps per run, warmup included")
+    parser.add_argument("--warmup-steps", type=int, default=2, help="first steps left out of the timing")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--timeout", type=float, default=900, help="seconds per run")
+    parser.add_argument("--json", help="write all runs and the summary to this file")
+    parser.add_argument("--write-results", action="store_true", help="append a row to benchmarks/RESULTS.md")
+    return parser
+
+
+def report_comparison(args: argparse.Namespace, settings: dict[str, Any], runs: dict[str, list[dict[str, Any]]],
+                      candidate: str, baseline: str, table: str, describe: Callable[[dict[str, Any]], str]
+                      ) -> dict[str, Any]:
+    """Compare candidate with baseline, print the summary, append the RESULTS.md row of `table` (`describe(summary)`
+    names the benchmark) when asked, save everything as JSON when asked; returns the summary."""
+    env = environment()
+    summary = compare(runs, candidate, baseline)
+    print(summary_text(summary))
+    if args.write_results:
+        append_results(f"{table}-{args.device}", [comparison_row(describe(summary), summary, env)])
+    save_json(args.json, {"settings": settings, "environment": env, "runs": runs, "summary": summary})
+    return summary
 
 
 def environment() -> dict[str, Any]:

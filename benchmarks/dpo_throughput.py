@@ -150,24 +150,13 @@ def prepare(args: argparse.Namespace, workdir: Path) -> DPOBenchSettings:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
-    parser.add_argument("--settings", help=argparse.SUPPRESS)
-    parser.add_argument("--out", help=argparse.SUPPRESS)
-    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser = common.benchmark_arguments(__doc__.split("\n\n")[0], reps=3, steps=8)
     parser.add_argument("--model-dir", help="model to train (default: tiny YuLan on CPU, full-size random on GPU)")
-    parser.add_argument("--reps", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=8, help="optimizer steps per run, warmup included")
-    parser.add_argument("--warmup-steps", type=int, default=2)
     parser.add_argument("--examples", type=int, default=400, help="preference pairs generated (before the fit)")
     parser.add_argument("--max-length", type=int)
     parser.add_argument("--batch-size", type=int)
     parser.add_argument("--learning-rate", type=float)
     parser.add_argument("--torch-compile", action="store_true")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--timeout", type=float, default=900)
-    parser.add_argument("--json")
-    parser.add_argument("--write-results", action="store_true")
     args = parser.parse_args(argv)
     if args.worker:
         worker(args.worker, args.settings, args.out)
@@ -178,15 +167,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"DPO benchmark ({args.device}): {json.dumps(asdict(settings))}")
         runs = common.run_interleaved(MODULE, [CANDIDATE, BASELINE], args.reps, asdict(settings),
                                       timeout=args.timeout, workdir=Path(tmp) / "runs")
-    env = common.environment()
-    summary = common.compare(runs, CANDIDATE, BASELINE)
-    print(common.summary_text(summary))
-    if args.write_results:
-        what = (f"DPO full, {'tiny YuLan' if args.device == 'cpu' else 'YuLan-Mini shape'}, max_length "
-                f"{settings.max_length}, batch {settings.batch_size} pairs, {settings.steps - settings.warmup_steps} "
-                f"timed steps x {summary['reps']} reps")
-        common.append_results(f"dpo-{args.device}", [common.comparison_row(what, summary, env)])
-    common.save_json(args.json, {"settings": asdict(settings), "environment": env, "runs": runs, "summary": summary})
+    common.report_comparison(
+        args, asdict(settings), runs, CANDIDATE, BASELINE, "dpo",
+        lambda summary: (f"DPO full, {'tiny YuLan' if args.device == 'cpu' else 'YuLan-Mini shape'}, max_length "
+                         f"{settings.max_length}, batch {settings.batch_size} pairs, "
+                         f"{settings.steps - settings.warmup_steps} timed steps x {summary['reps']} reps"))
     return 0
 
 

@@ -15,7 +15,6 @@ The target (issue 8): yulanmini at most 5% slower in tokens/s.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import tempfile
@@ -123,22 +122,11 @@ def worker(variant: str, settings_file: str, out_file: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
-    parser.add_argument("--settings", help=argparse.SUPPRESS)
-    parser.add_argument("--out", help=argparse.SUPPRESS)
-    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    parser.add_argument("--reps", type=int, default=5)
-    parser.add_argument("--steps", type=int, default=12)
-    parser.add_argument("--warmup-steps", type=int, default=2)
+    parser = common.benchmark_arguments(__doc__.split("\n\n")[0], reps=5, steps=12)
     parser.add_argument("--seq-len", type=int, help="default: 256 on CPU, 4096 on GPU")
     parser.add_argument("--batch-size", type=int, help="rows per step; default: 8 on CPU, 1 on GPU")
     parser.add_argument("--shape", help="JSON of model sizes (default: tiny YuLan on CPU, YuLan-Mini on GPU)")
     parser.add_argument("--gradient-checkpointing", action="store_true")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--timeout", type=float, default=900)
-    parser.add_argument("--json")
-    parser.add_argument("--write-results", action="store_true")
     args = parser.parse_args(argv)
     if args.worker:
         worker(args.worker, args.settings, args.out)
@@ -154,17 +142,13 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="pretrain-bench-") as tmp:
         runs = common.run_interleaved(MODULE, [CANDIDATE, BASELINE], args.reps, asdict(settings),
                                       timeout=args.timeout, workdir=Path(tmp))
-    env = common.environment()
-    summary = common.compare(runs, CANDIDATE, BASELINE)
+    summary = common.report_comparison(
+        args, asdict(settings), runs, CANDIDATE, BASELINE, "pretrain",
+        lambda summary: (f"pretrain step, {'tiny' if not gpu else 'YuLan-Mini'} shape, {settings.batch_size} x "
+                         f"{settings.seq_len} tokens, {settings.steps - settings.warmup_steps} timed steps x "
+                         f"{summary['reps']} reps"))
     overhead = 1 - summary["tokens_per_s_ratio"]["median"]
-    print(common.summary_text(summary))
     print(f"  yulanmini training overhead vs Llama: {100 * overhead:+.1f}% tokens/s (target: at most 5%)")
-    if args.write_results:
-        what = (f"pretrain step, {'tiny' if not gpu else 'YuLan-Mini'} shape, {settings.batch_size} x "
-                f"{settings.seq_len} tokens, {settings.steps - settings.warmup_steps} timed steps x "
-                f"{summary['reps']} reps")
-        common.append_results(f"pretrain-{args.device}", [common.comparison_row(what, summary, env)])
-    common.save_json(args.json, {"settings": asdict(settings), "environment": env, "runs": runs, "summary": summary})
     return 0
 
 

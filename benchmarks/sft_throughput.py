@@ -181,16 +181,9 @@ def prepare(args: argparse.Namespace, workdir: Path) -> SFTBenchSettings:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
-    parser.add_argument("--settings", help=argparse.SUPPRESS)
-    parser.add_argument("--out", help=argparse.SUPPRESS)
-    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser = common.benchmark_arguments(__doc__.split("\n\n")[0], reps=3, steps=12)
     parser.add_argument("--mode", choices=["full", "qlora"], default="full")
     parser.add_argument("--model-dir", help="model to train (default: tiny YuLan on CPU, full-size random on GPU)")
-    parser.add_argument("--reps", type=int, default=3, help="repetitions of each variant, interleaved")
-    parser.add_argument("--steps", type=int, default=12, help="optimizer steps per run, warmup included")
-    parser.add_argument("--warmup-steps", type=int, default=2, help="first steps left out of the timing")
     parser.add_argument("--examples", type=int, default=600, help="conversations in the benchmark data")
     parser.add_argument("--max-length", type=int, help="default: the recipe config's")
     parser.add_argument("--batch-size", type=int, help="per-device batch size; default: the recipe config's")
@@ -198,10 +191,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--torch-compile", action="store_true", help="GPU: also torch.compile the recipe's model")
     parser.add_argument("--baseline", action=argparse.BooleanOptionalAction, default=True,
                         help="also run the trl baseline (off: only the recipe, e.g. for QLoRA peak memory)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--timeout", type=float, default=900, help="seconds per run")
-    parser.add_argument("--json", help="write all runs and the summary to this file")
-    parser.add_argument("--write-results", action="store_true", help="append a row to benchmarks/RESULTS.md")
     args = parser.parse_args(argv)
     if args.worker:
         worker(args.worker, args.settings, args.out)
@@ -213,24 +202,21 @@ def main(argv: list[str] | None = None) -> int:
         variants = [CANDIDATE, BASELINE] if args.baseline else [CANDIDATE]
         runs = common.run_interleaved(MODULE, variants, args.reps, asdict(settings), timeout=args.timeout,
                                       workdir=Path(tmp) / "runs")
-    env = common.environment()
-    report: dict[str, Any] = {"settings": asdict(settings), "environment": env, "runs": runs}
     if args.baseline:
-        summary = report["summary"] = common.compare(runs, CANDIDATE, BASELINE)
-        print(common.summary_text(summary))
-        if args.write_results:
-            what = (f"SFT {settings.mode}, {'tiny YuLan' if settings.device == 'cpu' else 'YuLan-Mini shape'}, "
-                    f"max_length {settings.max_length}, batch {settings.batch_size}, "
-                    f"{settings.steps - settings.warmup_steps} timed steps x {summary['reps']} reps")
-            common.append_results(f"sft-{args.device}", [common.comparison_row(what, summary, env)])
-    else:
-        report["summary"] = common.single_summary(runs[CANDIDATE])
-        print(json.dumps(report["summary"], indent=2))
-        if args.write_results:
-            common.append_results(f"sft-{args.device}", [common.single_row(
-                f"SFT {args.mode} yulan_tune only, YuLan-Mini shape, max_length {settings.max_length}, batch "
-                f"{settings.batch_size}", report["summary"], env)])
-    common.save_json(args.json, report)
+        common.report_comparison(
+            args, asdict(settings), runs, CANDIDATE, BASELINE, "sft",
+            lambda summary: (f"SFT {settings.mode}, {'tiny YuLan' if settings.device == 'cpu' else 'YuLan-Mini shape'}"
+                             f", max_length {settings.max_length}, batch {settings.batch_size}, "
+                             f"{settings.steps - settings.warmup_steps} timed steps x {summary['reps']} reps"))
+        return 0
+    env = common.environment()
+    summary = common.single_summary(runs[CANDIDATE])
+    print(json.dumps(summary, indent=2))
+    if args.write_results:
+        common.append_results(f"sft-{args.device}", [common.single_row(
+            f"SFT {args.mode} yulan_tune only, YuLan-Mini shape, max_length {settings.max_length}, batch "
+            f"{settings.batch_size}", summary, env)])
+    common.save_json(args.json, {"settings": asdict(settings), "environment": env, "runs": runs, "summary": summary})
     return 0
 
 

@@ -58,6 +58,7 @@ from yulan_tune.data.packing import PackedDataset, prepare_packed_dataset
 from yulan_tune.loading import load_model, load_tokenizer
 from yulan_tune.modeling.yulanmini import YuLanMiniForCausalLM, causal_lm_loss_with_z_loss
 from yulan_tune.paths import cache_home
+from yulan_tune.training.mup import REFERENCE_BETAS, REFERENCE_EPS, REFERENCE_WEIGHT_DECAY
 from yulan_tune.training.optim_state import (
     CheckpointOptimizerState,
     OptimizerStateReport,
@@ -160,10 +161,10 @@ class AnnealConfig(TrainingArguments):
     dtype: str | None = field(default=None, metadata={"help": "model dtype: float32 (default on CPU), bfloat16"})
 
     # YuLan-Mini's values for TrainingArguments fields (yulan_reference.md 3.1), used when the checkpoint has none
-    weight_decay: float = 0.1
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.95
-    adam_epsilon: float = 1e-15
+    weight_decay: float = REFERENCE_WEIGHT_DECAY
+    adam_beta1: float = REFERENCE_BETAS[0]
+    adam_beta2: float = REFERENCE_BETAS[1]
+    adam_epsilon: float = REFERENCE_EPS
     max_grad_norm: float = 1.0
     # the pretraining Trainer's sampler seeks to the resumed step itself (training/trainer.py)
     ignore_data_skip: bool = True

@@ -52,6 +52,7 @@ from yulan_tune.data.packing import PackedDataset, prepare_packed_dataset
 from yulan_tune.modeling.yulanmini import YuLanMiniConfig, YuLanMiniForCausalLM
 from yulan_tune.paths import PRETRAIN_DIR
 from yulan_tune.training.monitor import HiddenStateMonitor
+from yulan_tune.training.mup import REFERENCE_BETAS, REFERENCE_EPS, REFERENCE_WEIGHT_DECAY
 from yulan_tune.training.schedules import WSDSchedule
 from yulan_tune.training.trainer import (
     AtomicCheckpointCallback,
@@ -115,10 +116,10 @@ class PretrainConfig(TrainingArguments):
 
     # YuLan-Mini's values for TrainingArguments fields (3.1, 3.7)
     learning_rate: float = field(default=1e-2, metadata={"help": "peak LR (muP: hidden matrices get lr / m_width)"})
-    weight_decay: float = 0.1
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.95
-    adam_epsilon: float = 1e-15
+    weight_decay: float = REFERENCE_WEIGHT_DECAY
+    adam_beta1: float = REFERENCE_BETAS[0]
+    adam_beta2: float = REFERENCE_BETAS[1]
+    adam_epsilon: float = REFERENCE_EPS
     max_grad_norm: float = 1.0
     bf16: bool | None = field(default=None, metadata={"help": "bf16 mixed precision; default: where supported"})
     logging_steps: float = 3
