@@ -277,6 +277,20 @@ def instrument_trainer(trainer: Any, device: str) -> Measurement:
     return Measurement(device=device, counter=counter, clock=clock)
 
 
+def measure_training(trainer: Any, device: str, warmup_steps: int) -> dict[str, Any]:
+    """Train `trainer` once inside a fresh peak-memory window: the timing of the steps after `warmup_steps`, peak
+    memory, and the precision / checkpointing / kernel options the run really used."""
+    measurement = instrument_trainer(trainer, device)
+    rss_before = current_rss_mib()
+    reset_peak_memory(device)
+    train_output = trainer.train()
+    return {**measurement.summary(warmup_steps), **peak_memory(device), "rss_before_train_mib": rss_before,
+            "train_loss": train_output.training_loss, "bf16": bool(trainer.args.bf16),
+            "gradient_checkpointing": bool(trainer.args.gradient_checkpointing),
+            "liger": bool(trainer.args.use_liger_kernel), "torch_compile": bool(trainer.args.torch_compile),
+            "param_dtype": str(next(trainer.model.parameters()).dtype)}
+
+
 def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
     import yaml
 

@@ -90,15 +90,7 @@ def worker(variant: str, settings_file: str, out_file: str) -> None:
     s = DPOBenchSettings(**json.loads(Path(settings_file).read_text()))
     with tempfile.TemporaryDirectory(prefix=f"dpo-bench-{variant}-") as output_dir:
         trainer = (build_candidate if variant == CANDIDATE else build_baseline)(s, output_dir)
-        measurement = common.instrument_trainer(trainer, s.device)
-        rss_before = common.current_rss_mib()
-        common.reset_peak_memory(s.device)
-        train_output = trainer.train()
-        result = {"variant": variant, **measurement.summary(s.warmup_steps), **common.peak_memory(s.device),
-                  "rss_before_train_mib": rss_before, "train_loss": train_output.training_loss,
-                  "bf16": bool(trainer.args.bf16), "gradient_checkpointing": bool(trainer.args.gradient_checkpointing),
-                  "liger": bool(trainer.args.use_liger_kernel), "torch_compile": bool(trainer.args.torch_compile),
-                  "param_dtype": str(next(trainer.model.parameters()).dtype),
+        result = {"variant": variant, **common.measure_training(trainer, s.device, s.warmup_steps),
                   "reference_model": trainer.ref_model is not None}
         if s.device == "cuda":
             import torch
