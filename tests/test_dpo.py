@@ -63,6 +63,23 @@ def test_dpo_loss_equals_the_formula_on_independent_logps(tiny_dir: Path, tmp_pa
     assert (Path(tmp_path / "dpo") / "model.safetensors").exists()
 
 
+def test_dpo_plus_nll_adds_the_mean_chosen_token_nll(tiny_dir: Path, tmp_path: Path) -> None:
+    # dpo_tiny.yaml's loss (RPO, Pang et al. 2024): DPO's -log sigmoid(beta * margin) plus the mean negative
+    # log-likelihood of the chosen response tokens, weight 1 each
+    recipe = DPORecipe(_config(tiny_dir, tmp_path / "rpo", beta=0.1, loss_type=["sigmoid", "sft"]))
+    recipe.run()
+    trainer, pad = recipe.trainer, recipe.tokenizer.pad_token_id
+    heldout = recipe.heldout.columns
+    trainer.model.eval()
+    chosen = _logps(trainer.model, heldout, "chosen_ids", pad)
+    rejected = _logps(trainer.model, heldout, "rejected_ids", pad)
+    ref_chosen, ref_rejected = recipe.reference_heldout
+    dpo = -F.logsigmoid(0.1 * ((chosen - ref_chosen) - (rejected - ref_rejected))).mean().item()
+    nll = -chosen.sum().item() / sum(len(ids) for ids in heldout["chosen_ids"])  # one eval batch: token mean
+    result = trainer.evaluate(eval_dataset=recipe.heldout.to_dataset())
+    assert nll > 0.1 and result["eval_loss"] == pytest.approx(dpo + nll, rel=1e-4)
+
+
 def test_lora_dpo_keeps_one_copy_of_the_base_weights(tiny_dir: Path, tmp_path: Path) -> None:
     recipe = DPORecipe(_config(tiny_dir, tmp_path / "lora", use_peft=True, max_steps=1))
     trainer = recipe.build_trainer()

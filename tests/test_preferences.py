@@ -171,3 +171,20 @@ def test_each_kind_of_wrong_answer() -> None:
     final = wrong_solution(problem, "wrong_final_number", rng)
     assert final.startswith(problem.solution[: problem.solution.rfind("The answer")])
     assert extract_answer(final) in {a, b, c, s} - {problem.answer}
+
+
+def test_misread_operand_is_worked_out_consistently_from_the_wrong_number() -> None:
+    rng = random.Random(0)
+    problems = generate_problems(200, 0)
+    for problem in problems:
+        wrong = wrong_solution(problem, "misread_operand", rng)
+        steps = re.findall(r"(-?\d+) ([-+*]) (-?\d+) = (-?\d+)\.", wrong)
+        truth = re.findall(r"(-?\d+) ([-+*]) (-?\d+) = (-?\d+)\.", problem.solution)
+        assert len(steps) == len(truth)
+        assert 1 <= abs(int(steps[0][0]) - int(truth[0][0])) <= 2  # only the copied first number is wrong ...
+        assert [s[1:3] for s in steps] == [t[1:3] for t in truth]
+        for a, op, b, result in steps:  # ... and every step follows from it
+            assert int(result) == {"+": int(a) + int(b), "-": int(a) - int(b), "*": int(a) * int(b)}[op]
+        if len(steps) == 2:
+            assert steps[1][0] == steps[0][3]  # the second step continues from the (wrong) first result
+        assert extract_answer(wrong) == int(steps[-1][3]) != problem.answer

@@ -116,3 +116,19 @@ def test_ddp_two_processes_both_train(tiny_dir, tmp_path):
     assert all(steps == "3" for _, steps, _ in summaries)
     checksums = {checksum for _, _, checksum in summaries}
     assert len(checksums) == 1  # both ranks ended on the same (all-reduced) weights
+
+
+def test_shipped_sft_configs_parse_and_the_dpo_base_makes_more_updates() -> None:
+    names = sorted(p.name for p in CONFIGS.glob("*.yaml") if p.name.startswith(("tiny_", "yulan_mini_instruct_")))
+    assert {"tiny_full.yaml", "tiny_full_long.yaml", "tiny_lora.yaml", "tiny_qlora.yaml"} <= set(names)
+    # the real-model configs train in bf16, which TrainingArguments refuses on a machine without a GPU
+    cpu_override = [] if torch.cuda.is_available() else ["--bf16", "false"]
+    configs = {name: parse_config(["--config", str(CONFIGS / name), *cpu_override]) for name in names}
+
+    def updates_per_epoch_factor(config) -> float:  # optimizer updates per packed row and epoch
+        return config.num_train_epochs / (config.per_device_train_batch_size * config.gradient_accumulation_steps)
+
+    quick, long = configs["tiny_full.yaml"], configs["tiny_full_long.yaml"]
+    assert quick.num_bundled_examples == long.num_bundled_examples and quick.max_length == long.max_length
+    # the DPO quickstart's SFT base needs about 8x the quickstart's updates to start reading operands (config comment)
+    assert updates_per_epoch_factor(long) >= 8 * updates_per_epoch_factor(quick)

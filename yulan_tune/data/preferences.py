@@ -36,7 +36,7 @@ from yulan_tune.data.formats import (
 
 BUNDLED_PREFERENCES = "bundled:math_preferences"
 PREFERENCE_FORMATS = ("prompt_chosen_rejected", "implicit_prompt", "sharegpt", "unpaired")
-REJECTION_KINDS = ("off_by_one", "wrong_operation", "wrong_final_number")
+REJECTION_KINDS = ("off_by_one", "wrong_operation", "wrong_final_number", "misread_operand")
 
 
 @dataclass
@@ -361,11 +361,15 @@ def wrong_solution(problem: Any, kind: str, rng: random.Random) -> str:
 
     kinds: "off_by_one" (the last step's result is 1 off, carried into the answer), "wrong_operation" (the last step
     applies the wrong operation, consistently worked out), "wrong_final_number" (every step right, then a different
-    number is reported, often one copied from the question).
+    number is reported, often one copied from the question), "misread_operand" (the first number is copied wrong
+    from the question, 1 or 2 off, and every step is then worked out consistently from it: the tiny SFT model of
+    `make dpo-quickstart` copies an operand wrong in 39% of its held-out answers, and miscomputes a step in 66%).
     """
     steps = _STEP.findall(problem.solution)
     if not steps:
         raise ValueError(f"cannot parse the worked steps of {problem.solution!r}")
+    if kind == "misread_operand":
+        return _misread_operand(problem, steps, rng)
     a, op, b, _ = steps[-1]
     head = problem.solution[: problem.solution.rfind(f"{a} {op} {b} =")]
     if kind == "off_by_one":
@@ -386,6 +390,22 @@ def wrong_solution(problem: Any, kind: str, rng: random.Random) -> str:
         wrong = rng.choice(candidates)
         return f"{worked}The answer is {wrong}."
     raise ValueError(f"kind must be one of {REJECTION_KINDS}, got {kind!r}")
+
+
+def _misread_operand(problem: Any, steps: list[tuple[str, str, str, str]], rng: random.Random) -> str:
+    first = int(steps[0][0])
+    for delta in rng.sample((-2, -1, 1, 2), 4):
+        if first + delta < 0:
+            continue
+        worked, carried, previous = [], None, None
+        for i, (a, op, b, result) in enumerate(steps):
+            # a step that continues from the previous result keeps doing so with the misread value
+            left = first + delta if i == 0 else (carried if int(a) == previous else int(a))
+            previous, carried = int(result), _APPLY[op](left, int(b))
+            worked.append(f"{left} {op} {b} = {carried}.")
+        if carried != problem.answer:
+            return f"{' '.join(worked)} The answer is {carried}."
+    raise ValueError(f"no misread operand of {problem.solution!r} changes its answer")
 
 
 def math_preference_pairs(n: int, seed: int = 0, split: str = "train") -> list[PreferenceExample]:
