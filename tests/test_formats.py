@@ -12,13 +12,10 @@ import pytest
 
 from yulan_tune.data.formats import (
     DataFormatError,
-    Record,
-    SkipReport,
     check_data_main,
     iter_records,
     length_stats,
     load_sft_examples,
-    parse_sft_record,
 )
 
 # one row per format, and the messages each one must normalize to (written by hand, not by the parser)

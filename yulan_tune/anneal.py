@@ -42,7 +42,6 @@ import json
 import logging
 import math
 import os
-import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path

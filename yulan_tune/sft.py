@@ -21,7 +21,7 @@ import trl
 from datasets import Dataset
 from transformers import PreTrainedTokenizerBase, TrainerCallback
 
-from yulan_tune.data.chat import IGNORE_INDEX, TokenizedConversation, tokenize_conversation, tokenize_text
+from yulan_tune.data.chat import TokenizedConversation, tokenize_conversation, tokenize_text
 from yulan_tune.loading import load_model, load_tokenizer
 
 logger = logging.getLogger(__name__)

@@ -39,7 +39,6 @@ a moment is never silently re-initialized.
 from __future__ import annotations
 
 import json
-import math
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
