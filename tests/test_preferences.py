@@ -176,10 +176,10 @@ def test_each_kind_of_wrong_answer() -> None:
 def test_misread_operand_is_worked_out_consistently_from_the_wrong_number() -> None:
     rng = random.Random(0)
     problems = generate_problems(200, 0)
+    step = re.compile(r"(-?\d+) ([-+*]) (-?\d+) = (-?\d+)\.")  # not imported: an independent check
     for problem in problems:
         wrong = wrong_solution(problem, "misread_operand", rng)
-        steps = re.findall(r"(-?\d+) ([-+*]) (-?\d+) = (-?\d+)\.", wrong)
-        truth = re.findall(r"(-?\d+) ([-+*]) (-?\d+) = (-?\d+)\.", problem.solution)
+        steps, truth = step.findall(wrong), step.findall(problem.solution)
         assert len(steps) == len(truth)
         assert 1 <= abs(int(steps[0][0]) - int(truth[0][0])) <= 2  # only the copied first number is wrong ...
         assert [s[1:3] for s in steps] == [t[1:3] for t in truth]

@@ -410,7 +410,7 @@ def _misread_operand(problem: Any, steps: list[tuple[str, str, str, str]], rng: 
 
 def math_preference_pairs(n: int, seed: int = 0, split: str = "train") -> list[PreferenceExample]:
     """`n` pairs on the generated math problems: chosen = the correct worked solution, rejected = a plausible wrong
-    one, the three kinds of mistakes in turn. The "test" split uses held-out problems (never in the train split)."""
+    one, the kinds of mistake of REJECTION_KINDS in turn. The "test" split uses held-out problems (never in the train split)."""
     from yulan_tune.data.math_problems import generate_problems
     from yulan_tune.eval import math_messages
 
