@@ -1,10 +1,12 @@
 """Chat with a trained YuLan in the browser: `python apps/chat.py --model DIR [--compare OTHER]`.
 
-The same as `yulan-tune app ...`; everything reusable (loading, streaming, the gradio UI) lives in yulan_tune/app.py.
-Without --model it serves the quickstart's output (`make quickstart`).
+The same as `yulan-tune app ...`; everything reusable (loading, streaming, the gradio UI) lives in yulan_tune/app.py
+and yulan_tune/chat_session.py. Without --model it serves the quickstart's output (`make quickstart`).
 """
 
-from yulan_tune.app import app_main
+import sys
+
+from yulan_tune.cli import main
 
 if __name__ == "__main__":
-    raise SystemExit(app_main())
+    raise SystemExit(main(["app", *sys.argv[1:]]))

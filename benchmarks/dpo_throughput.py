@@ -29,12 +29,16 @@ from typing import Any
 if __package__ in (None, ""):  # run as a file: make `benchmarks` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks import common  # noqa: E402
+from benchmarks.harness import benchmark_arguments, run_interleaved  # noqa: E402
+from benchmarks.measurement import measure_training  # noqa: E402
+from benchmarks.model_flops import Shape, add_mfu  # noqa: E402
+from benchmarks.models_and_data import (  # noqa: E402
+    RECIPE_CONFIGS, default_model_dir, preference_rows, read_yaml, write_jsonl)
+from benchmarks.reporting import report_comparison  # noqa: E402
 from benchmarks.sft_throughput import gpu_options  # noqa: E402
 
 MODULE = "benchmarks.dpo_throughput"
 CANDIDATE, BASELINE = "yulan_tune", "trl"
-CONFIGS = common.REPO_ROOT / "recipes" / "configs"
 
 
 @dataclass
@@ -90,14 +94,14 @@ def worker(variant: str, settings_file: str, out_file: str) -> None:
     s = DPOBenchSettings(**json.loads(Path(settings_file).read_text()))
     with tempfile.TemporaryDirectory(prefix=f"dpo-bench-{variant}-") as output_dir:
         trainer = (build_candidate if variant == CANDIDATE else build_baseline)(s, output_dir)
-        result = {"variant": variant, **common.measure_training(trainer, s.device, s.warmup_steps),
+        result = {"variant": variant, **measure_training(trainer, s.device, s.warmup_steps),
                   "reference_model": trainer.ref_model is not None}
         if s.device == "cuda":
             import torch
 
             # policy forward + backward and one reference forward per sequence
-            common.add_mfu(result, common.Shape.of(trainer.model.config), torch.cuda.get_device_name(),
-                           reference_forwards=1 if trainer.ref_model is not None else 0)
+            add_mfu(result, Shape.of(trainer.model.config), torch.cuda.get_device_name(),
+                    reference_forwards=1 if trainer.ref_model is not None else 0)
     Path(out_file).write_text(json.dumps(result))
 
 
@@ -113,27 +117,24 @@ def pairs_within(rows: list[dict], tokenizer: Any, max_length: int) -> list[dict
 def prepare(args: argparse.Namespace, workdir: Path) -> DPOBenchSettings:
     from yulan_tune.loading import load_tokenizer
 
+    model_dir = args.model_dir or default_model_dir(args.device, workdir)
     if args.device == "cuda":
-        model_dir = args.model_dir or str(common.save_full_size_llama(workdir / "yulan-mini-shape"))
-        config_path = CONFIGS / "dpo_yulan_mini_instruct_full.yaml"  # used once the recipe ships one
+        config_path = RECIPE_CONFIGS / "dpo_yulan_mini_instruct_full.yaml"  # used once the recipe ships one
         config = str(config_path) if config_path.exists() else None
         defaults = {"max_length": 2048, "per_device_train_batch_size": 4, "learning_rate": 5e-7, "beta": 0.1}
         max_lines = 200
     else:
-        from yulan_tune.modeling.tiny import build_tiny
-
-        model_dir = args.model_dir or str(build_tiny())
-        config = str(CONFIGS / "dpo_tiny.yaml")
+        config = str(RECIPE_CONFIGS / "dpo_tiny.yaml")
         defaults = {"max_length": 256, "per_device_train_batch_size": 8, "learning_rate": 5e-5, "beta": 0.1}
         max_lines = 40
     if config:
-        defaults.update({k: v for k, v in common.read_yaml(config).items() if k in defaults})
+        defaults.update({k: v for k, v in read_yaml(config).items() if k in defaults})
     max_length = args.max_length or defaults["max_length"]
-    rows = common.preference_rows(args.examples, seed=args.seed, max_lines=max_lines)
+    rows = preference_rows(args.examples, seed=args.seed, max_lines=max_lines)
     kept = pairs_within(rows, load_tokenizer(model_dir), max_length)
     print(f"DPO data: {len(kept)} of {len(rows)} pairs fit max_length {max_length} (the rest are left out of the "
           "file for both sides)")
-    data_file = common.write_jsonl(workdir / "dpo_pairs.jsonl", kept)
+    data_file = write_jsonl(workdir / "dpo_pairs.jsonl", kept)
     return DPOBenchSettings(
         device=args.device, model_dir=model_dir, data_file=str(data_file), recipe_config=config,
         max_length=max_length, batch_size=args.batch_size or defaults["per_device_train_batch_size"],
@@ -142,7 +143,7 @@ def prepare(args: argparse.Namespace, workdir: Path) -> DPOBenchSettings:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = common.benchmark_arguments(__doc__.split("\n\n")[0], reps=3, steps=8)
+    parser = benchmark_arguments(__doc__.split("\n\n")[0], reps=3, steps=8)
     parser.add_argument("--model-dir", help="model to train (default: tiny YuLan on CPU, full-size random on GPU)")
     parser.add_argument("--examples", type=int, default=400, help="preference pairs generated (before the fit)")
     parser.add_argument("--max-length", type=int)
@@ -157,9 +158,9 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="dpo-bench-") as tmp:
         settings = prepare(args, Path(tmp))
         print(f"DPO benchmark ({args.device}): {json.dumps(asdict(settings))}")
-        runs = common.run_interleaved(MODULE, [CANDIDATE, BASELINE], args.reps, asdict(settings),
-                                      timeout=args.timeout, workdir=Path(tmp) / "runs")
-    common.report_comparison(
+        runs = run_interleaved(MODULE, [CANDIDATE, BASELINE], args.reps, asdict(settings),
+                               timeout=args.timeout, workdir=Path(tmp) / "runs")
+    report_comparison(
         args, asdict(settings), runs, CANDIDATE, BASELINE, "dpo",
         lambda summary: (f"DPO full, {'tiny YuLan' if args.device == 'cpu' else 'YuLan-Mini shape'}, max_length "
                          f"{settings.max_length}, batch {settings.batch_size} pairs, "

@@ -5,7 +5,7 @@
 # tokenizers, huggingface-hub, pyarrow, psutil and pyyaml, but not trl, datasets or bitsandbytes, and an older
 # transformers than yulan_tune needs; these travel as wheels in .whl/ (ignored by git: `echo /.whl/ >>
 # .git/info/exclude`), named in the device call's `carry`. Versions: the ones the CPU test suite runs with
-# (stack_notes.md), so GPU and CPU rows are measured on the same libraries. Python 3.12 / x86-64 is the device
+# (docs/stack_notes.md), so GPU and CPU rows are measured on the same libraries. Python 3.12 / x86-64 is the device
 # image's interpreter.
 #
 #   bash benchmarks/fetch_gpu_wheels.sh           # -> .whl/*.whl (about 55 MiB with bitsandbytes)

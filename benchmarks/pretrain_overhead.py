@@ -4,7 +4,7 @@ the same size: same shape, same token rows, same steps, same training loop.
     python -m benchmarks.pretrain_overhead                 # CPU: the tiny YuLan shape, 8 x 256-token rows
     python -m benchmarks.pretrain_overhead --device cuda   # GPU: the full YuLan-Mini shape, 1 x 4096-token row
 
-Both models are built from random init with tied embeddings (YuLan-Mini trains tied, yulan_reference.md 1.2) and
+Both models are built from random init with tied embeddings (YuLan-Mini trains tied, docs/yulan_reference.md 1.2) and
 the same sizes (hidden, layers, heads, KV heads, FFN, vocab; q/k/v bias). The loop is the plain one every
 pretraining recipe runs: forward with labels (each model's own loss: yulanmini adds z-loss 1e-4, 1.3.5), backward,
 clip to 1.0, AdamW step. yulanmini uses its muP parameter groups (training/mup.py, 3.2), Llama one group; both with
@@ -26,7 +26,12 @@ from typing import Any
 if __package__ in (None, ""):  # run as a file: make `benchmarks` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks import common  # noqa: E402
+from benchmarks.harness import benchmark_arguments, run_interleaved  # noqa: E402
+from benchmarks.measurement import (  # noqa: E402
+    BatchStats, Measurement, StepClock, current_rss_mib, peak_memory, reset_peak_memory)
+from benchmarks.model_flops import Shape, add_mfu  # noqa: E402
+from benchmarks.models_and_data import YULAN_MINI_SHAPE  # noqa: E402
+from benchmarks.reporting import report_comparison  # noqa: E402
 
 MODULE = "benchmarks.pretrain_overhead"
 CANDIDATE, BASELINE = "yulanmini", "llama"
@@ -42,7 +47,7 @@ class PretrainBenchSettings:
     batch_size: int
     steps: int
     warmup_steps: int
-    learning_rate: float = 1e-2  # YuLan-Mini's peak (yulan_reference.md 3.1); matrices at lr / m_width
+    learning_rate: float = 1e-2  # YuLan-Mini's peak (docs/yulan_reference.md 3.1); matrices at lr / m_width
     dim_model_base_lr: int = 256  # muP base width of the 2.42B run (1.2)
     seed: int = 0
     gradient_checkpointing: bool = False
@@ -95,9 +100,9 @@ def worker(variant: str, settings_file: str, out_file: str) -> None:
     generator = torch.Generator().manual_seed(s.seed)
     rows = torch.randint(103, s.shape["vocab_size"], (s.steps, s.batch_size, s.seq_len), generator=generator)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if s.device == "cuda" else nullcontext()
-    measurement = common.Measurement(device=s.device, clock=common.StepClock(synchronize=s.device == "cuda"))
-    rss_before = common.current_rss_mib()
-    common.reset_peak_memory(s.device)
+    measurement = Measurement(device=s.device, clock=StepClock(synchronize=s.device == "cuda"))
+    rss_before = current_rss_mib()
+    reset_peak_memory(s.device)
     losses = []
     for step in range(s.steps):
         batch = rows[step].to(s.device)
@@ -107,22 +112,22 @@ def worker(variant: str, settings_file: str, out_file: str) -> None:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        measurement.batches.append(common.BatchStats(trained_tokens=s.batch_size * (s.seq_len - 1),
-                                                     input_tokens=s.batch_size * s.seq_len,
-                                                     sequence_lengths=[s.seq_len] * s.batch_size))
+        measurement.batches.append(BatchStats(trained_tokens=s.batch_size * (s.seq_len - 1),
+                                              input_tokens=s.batch_size * s.seq_len,
+                                              sequence_lengths=[s.seq_len] * s.batch_size))
         measurement.clock.tick()
         losses.append(loss.item() if step in (0, s.steps - 1) else None)
-    result = {"variant": variant, **measurement.summary(s.warmup_steps), **common.peak_memory(s.device),
+    result = {"variant": variant, **measurement.summary(s.warmup_steps), **peak_memory(s.device),
               "rss_before_train_mib": rss_before, "loss_first": losses[0], "loss_last": losses[-1],
               "parameters": sum(p.numel() for p in model.parameters()),
               "parameter_tensors": sum(1 for _ in model.parameters())}
     if s.device == "cuda":
-        common.add_mfu(result, common.Shape.of(model.config), torch.cuda.get_device_name())
+        add_mfu(result, Shape.of(model.config), torch.cuda.get_device_name())
     Path(out_file).write_text(json.dumps(result))
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = common.benchmark_arguments(__doc__.split("\n\n")[0], reps=5, steps=12)
+    parser = benchmark_arguments(__doc__.split("\n\n")[0], reps=5, steps=12)
     parser.add_argument("--seq-len", type=int, help="default: 256 on CPU, 4096 on GPU")
     parser.add_argument("--batch-size", type=int, help="rows per step; default: 8 on CPU, 1 on GPU")
     parser.add_argument("--shape", help="JSON of model sizes (default: tiny YuLan on CPU, YuLan-Mini on GPU)")
@@ -133,16 +138,16 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     gpu = args.device == "cuda"
-    shape = json.loads(args.shape) if args.shape else (common.YULAN_MINI_SHAPE if gpu else TINY_YULAN_SHAPE)
+    shape = json.loads(args.shape) if args.shape else (YULAN_MINI_SHAPE if gpu else TINY_YULAN_SHAPE)
     settings = PretrainBenchSettings(
         device=args.device, shape=shape, seq_len=args.seq_len or (4096 if gpu else 256),
         batch_size=args.batch_size or (1 if gpu else 8), steps=args.steps, warmup_steps=args.warmup_steps,
         seed=args.seed, gradient_checkpointing=args.gradient_checkpointing)
     print(f"pretraining overhead benchmark ({args.device}): {json.dumps(asdict(settings))}")
     with tempfile.TemporaryDirectory(prefix="pretrain-bench-") as tmp:
-        runs = common.run_interleaved(MODULE, [CANDIDATE, BASELINE], args.reps, asdict(settings),
-                                      timeout=args.timeout, workdir=Path(tmp))
-    summary = common.report_comparison(
+        runs = run_interleaved(MODULE, [CANDIDATE, BASELINE], args.reps, asdict(settings),
+                               timeout=args.timeout, workdir=Path(tmp))
+    summary = report_comparison(
         args, asdict(settings), runs, CANDIDATE, BASELINE, "pretrain",
         lambda summary: (f"pretrain step, {'tiny' if not gpu else 'YuLan-Mini'} shape, {settings.batch_size} x "
                          f"{settings.seq_len} tokens, {settings.steps - settings.warmup_steps} timed steps x "

@@ -67,7 +67,7 @@ step() {  # step NAME SECONDS COMMAND...: run one benchmark under a time limit; 
 }
 
 step "random full-size YuLan-Mini (Llama form)" 60 \
-  "$PY" -c "from benchmarks.common import save_full_size_llama; print(save_full_size_llama('$MODEL'))"
+  "$PY" -c "from benchmarks.models_and_data import save_full_size_llama; print(save_full_size_llama('$MODEL'))"
 step "SFT full fine-tune, 4K" 110 \
   "$PY" -m benchmarks.sft_throughput --device cuda --model-dir "$MODEL" --reps 1 --steps 10 --warmup-steps 3 \
   --examples 1200 --max-length 4096 --batch-size 1 "${COMPILE[@]}" --write-results --json "$OUT_DIR/sft_full_4k.json"

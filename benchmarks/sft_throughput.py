@@ -21,7 +21,7 @@ end, no checkpoints. Everything else is each side's default.
 
 Counted: trained tokens (label != -100, the positions the loss is taken over) per second of the timed steps, wall
 time, peak memory of the training window (RSS on CPU, torch.cuda.max_memory_allocated on GPU), and on GPU the MFU
-by YuLan-Mini's own FLOP formula (benchmarks.common.reference_training_flops).
+by YuLan-Mini's own FLOP formula (benchmarks.model_flops.reference_training_flops).
 """
 
 from __future__ import annotations
@@ -39,11 +39,16 @@ from typing import Any
 if __package__ in (None, ""):  # run as a file (python benchmarks/sft_throughput.py): make `benchmarks` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks import common  # noqa: E402
+from benchmarks.harness import benchmark_arguments, run_interleaved  # noqa: E402
+from benchmarks.measurement import measure_training  # noqa: E402
+from benchmarks.model_flops import Shape, add_mfu  # noqa: E402
+from benchmarks.models_and_data import (  # noqa: E402
+    RECIPE_CONFIGS, default_model_dir, read_yaml, sft_conversations, write_jsonl)
+from benchmarks.reporting import (  # noqa: E402
+    append_results, environment, report_comparison, save_json, single_row, single_summary)
 
 MODULE = "benchmarks.sft_throughput"
 CANDIDATE, BASELINE = "yulan_tune", "trl"
-CONFIGS = common.REPO_ROOT / "recipes" / "configs"
 
 
 @dataclass
@@ -130,13 +135,13 @@ def worker(variant: str, settings_file: str, out_file: str) -> None:
     s = SFTBenchSettings(**json.loads(Path(settings_file).read_text()))
     with tempfile.TemporaryDirectory(prefix=f"sft-bench-{variant}-") as output_dir:
         trainer = (build_candidate if variant == CANDIDATE else build_baseline)(s, output_dir)
-        result = {"variant": variant, **common.measure_training(trainer, s.device, s.warmup_steps),
+        result = {"variant": variant, **measure_training(trainer, s.device, s.warmup_steps),
                   "padding_free": bool(getattr(trainer, "padding_free", False)),
                   "attn_implementation": trainer.model.config._attn_implementation}
         if s.device == "cuda" and s.mode == "full":
             import torch
 
-            common.add_mfu(result, common.Shape.of(trainer.model.config), torch.cuda.get_device_name())
+            add_mfu(result, Shape.of(trainer.model.config), torch.cuda.get_device_name())
     Path(out_file).write_text(json.dumps(result))
 
 
@@ -145,22 +150,16 @@ def worker(variant: str, settings_file: str, out_file: str) -> None:
 
 def prepare(args: argparse.Namespace, workdir: Path) -> SFTBenchSettings:
     """The model directory and the data file both sides read, and the settings every run gets."""
+    model_dir = args.model_dir or default_model_dir(args.device, workdir)
+    max_lines = 400 if args.device == "cuda" else 120  # GPU: long code conversations, up to ~4K tokens
+    rows = sft_conversations(args.examples, seed=args.seed, max_lines=max_lines)
+    data_file = write_jsonl(workdir / "sft_chat.jsonl", rows, key="messages")
     if args.device == "cuda":
-        model_dir = args.model_dir or str(common.save_full_size_llama(workdir / "yulan-mini-shape"))
-        max_lines = 400  # long code conversations, up to ~4K tokens
+        config = RECIPE_CONFIGS / ("yulan_mini_instruct_qlora_24gb.yaml" if args.mode == "qlora"
+                                   else "yulan_mini_instruct_full_80gb.yaml")
     else:
-        from yulan_tune.modeling.tiny import build_tiny
-
-        model_dir = args.model_dir or str(build_tiny())
-        max_lines = 120
-    rows = common.sft_conversations(args.examples, seed=args.seed, max_lines=max_lines)
-    data_file = common.write_jsonl(workdir / "sft_chat.jsonl", rows, key="messages")
-    if args.device == "cuda":
-        config = CONFIGS / ("yulan_mini_instruct_qlora_24gb.yaml" if args.mode == "qlora"
-                            else "yulan_mini_instruct_full_80gb.yaml")
-    else:
-        config = CONFIGS / ("tiny_qlora.yaml" if args.mode == "qlora" else "tiny_full.yaml")
-    recipe_defaults = common.read_yaml(config)
+        config = RECIPE_CONFIGS / ("tiny_qlora.yaml" if args.mode == "qlora" else "tiny_full.yaml")
+    recipe_defaults = read_yaml(config)
     return SFTBenchSettings(
         device=args.device, mode=args.mode, model_dir=model_dir, data_file=str(data_file), recipe_config=str(config),
         max_length=args.max_length or recipe_defaults["max_length"],
@@ -173,7 +172,7 @@ def prepare(args: argparse.Namespace, workdir: Path) -> SFTBenchSettings:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = common.benchmark_arguments(__doc__.split("\n\n")[0], reps=3, steps=12)
+    parser = benchmark_arguments(__doc__.split("\n\n")[0], reps=3, steps=12)
     parser.add_argument("--mode", choices=["full", "qlora"], default="full")
     parser.add_argument("--model-dir", help="model to train (default: tiny YuLan on CPU, full-size random on GPU)")
     parser.add_argument("--examples", type=int, default=600, help="conversations in the benchmark data")
@@ -192,23 +191,23 @@ def main(argv: list[str] | None = None) -> int:
         settings = prepare(args, Path(tmp))
         print(f"SFT benchmark ({args.device}, {args.mode}): {json.dumps(asdict(settings))}")
         variants = [CANDIDATE, BASELINE] if args.baseline else [CANDIDATE]
-        runs = common.run_interleaved(MODULE, variants, args.reps, asdict(settings), timeout=args.timeout,
-                                      workdir=Path(tmp) / "runs")
+        runs = run_interleaved(MODULE, variants, args.reps, asdict(settings), timeout=args.timeout,
+                               workdir=Path(tmp) / "runs")
     if args.baseline:
-        common.report_comparison(
+        report_comparison(
             args, asdict(settings), runs, CANDIDATE, BASELINE, "sft",
             lambda summary: (f"SFT {settings.mode}, {'tiny YuLan' if settings.device == 'cpu' else 'YuLan-Mini shape'}"
                              f", max_length {settings.max_length}, batch {settings.batch_size}, "
                              f"{settings.steps - settings.warmup_steps} timed steps x {summary['reps']} reps"))
         return 0
-    env = common.environment()
-    summary = common.single_summary(runs[CANDIDATE])
+    env = environment()
+    summary = single_summary(runs[CANDIDATE])
     print(json.dumps(summary, indent=2))
     if args.write_results:
-        common.append_results(f"sft-{args.device}", [common.single_row(
+        append_results(f"sft-{args.device}", [single_row(
             f"SFT {args.mode} yulan_tune only, YuLan-Mini shape, max_length {settings.max_length}, batch "
             f"{settings.batch_size}", summary, env)])
-    common.save_json(args.json, {"settings": asdict(settings), "environment": env, "runs": runs, "summary": summary})
+    save_json(args.json, {"settings": asdict(settings), "environment": env, "runs": runs, "summary": summary})
     return 0
 
 

@@ -3,7 +3,7 @@
     python pretrain/make_yulan_curriculum.py [--source ../shared/yulan/curriculum.json] [--out pretrain/curriculum]
 
 The source lists, per phase, the realized tokens of every subset (the reference's data_mix files, "Number of Selected
-Tokens(B)"; yulan_reference.md 3.5, 5). Two files come out:
+Tokens(B)"; docs/yulan_reference.md 3.5, 5). Two files come out:
   yulan_mini.yaml     phases 01-25 (4K, stable) + 26 and 27 (28K annealing mixes): the released YuLan-Mini, 1.08T
   yulan_mini_4k.yaml  phases 01-25 + 26 (the 4K phase-26 mix): YuLan-Mini-4K, 1.04T
 Budgets are integers of tokens (the source has 6 decimals in billions, so they are exact). Datasets resolve under
@@ -19,7 +19,7 @@ from pathlib import Path
 from yulan_tune.paths import PRETRAIN_DIR, REPO_ROOT
 
 DEFAULT_SOURCE = REPO_ROOT.parent / "shared" / "yulan" / "curriculum.json"
-SEQ_LEN = {"4K": 4096, "28K": 28672}  # 28K annealing rows (yulan_reference.md 4)
+SEQ_LEN = {"4K": 4096, "28K": 28672}  # 28K annealing rows (docs/yulan_reference.md 4)
 
 
 def _yaml_phase(phase: dict, name: str) -> list[str]:

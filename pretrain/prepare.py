@@ -5,7 +5,7 @@ The same as `yulan-tune prepare-data`; see `yulan_tune/data/packing.py` for the 
 
 import sys
 
-from yulan_tune.data.packing import prepare_data_main
+from yulan_tune.cli import main
 
 if __name__ == "__main__":
-    sys.exit(prepare_data_main())
+    raise SystemExit(main(["prepare-data", *sys.argv[1:]]))

@@ -5,7 +5,9 @@
 See yulan_tune/anneal.py for what it does.
 """
 
-from yulan_tune.anneal import anneal_main
+import sys
+
+from yulan_tune.cli import main
 
 if __name__ == "__main__":
-    raise SystemExit(anneal_main())
+    raise SystemExit(main(["anneal", *sys.argv[1:]]))

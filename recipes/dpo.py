@@ -3,7 +3,9 @@
     accelerate launch recipes/dpo.py --config recipes/configs/dpo_tiny.yaml [--beta 0.05 ...]
 """
 
-from yulan_tune.dpo import dpo_main
+import sys
+
+from yulan_tune.cli import main
 
 if __name__ == "__main__":
-    raise SystemExit(dpo_main())
+    raise SystemExit(main(["dpo", *sys.argv[1:]]))

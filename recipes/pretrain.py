@@ -7,7 +7,9 @@
 Relaunching the same command resumes from the newest complete checkpoint in output_dir.
 """
 
-from yulan_tune.pretrain import pretrain_main
+import sys
+
+from yulan_tune.cli import main
 
 if __name__ == "__main__":
-    raise SystemExit(pretrain_main())
+    raise SystemExit(main(["pretrain", *sys.argv[1:]]))

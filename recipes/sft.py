@@ -3,7 +3,9 @@
     accelerate launch recipes/sft.py --config recipes/configs/tiny_full.yaml [--learning_rate 1e-4 ...]
 """
 
-from yulan_tune.sft import sft_main
+import sys
+
+from yulan_tune.cli import main
 
 if __name__ == "__main__":
-    raise SystemExit(sft_main())
+    raise SystemExit(main(["sft", *sys.argv[1:]]))

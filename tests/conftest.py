@@ -35,7 +35,7 @@ def yulan_home(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_dir(yulan_home) -> Path:
     """The tiny YuLan (Llama form + tokenizer), briefly pretrained, built once per session."""
-    from yulan_tune.modeling.tiny import build_tiny
+    from yulan_tune.tiny import build_tiny
 
     return build_tiny(yulan_home / "tiny", pretrain_steps=40)
 

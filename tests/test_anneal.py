@@ -19,23 +19,21 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaForCausalLM, TrainerCallback, default_data_collator
 
 from test_optim_state import write_universal_checkpoint
-from yulan_tune.anneal import (
-    AnnealConfig,
-    AnnealRecipe,
-    anneal_main,
-    mix_rows,
+from yulan_tune.anneal import AnnealConfig, AnnealRecipe, parse_config
+from yulan_tune.cli import main as cli_main
+from yulan_tune.data.bundled import bundled_corpus
+from yulan_tune.data.curriculum import parse_token_count
+from yulan_tune.data.mixture import (
+    MixtureDataset,
+    largest_remainder,
     mixture_composition,
-    chunked_causal_lm_loss,
-    pack_source,
-    parse_config,
     parse_data_mix,
-    parse_token_count,
-    resolve_source,
     stream_names,
-    tiny_pre_annealing,
 )
-from yulan_tune.data.corpus import bundled_corpus
-from yulan_tune.data.mixture import MixtureDataset
+from yulan_tune.data.sources import pack_source
+from yulan_tune.tiny import tiny_pre_annealing
+from yulan_tune.training.checkpoints import resolve_source
+from yulan_tune.training.losses import chunked_causal_lm_loss
 from yulan_tune.data.math_problems import generate_problems
 from yulan_tune.paths import RECIPES_DIR
 from yulan_tune.training.mup import mup_adamw
@@ -106,7 +104,7 @@ def branches(workdir):
     decay = AnnealRecipe.from_pretrained(str(checkpoint), data=mix(data), tokens=ANNEAL_STEPS * BATCH * SEQ,
                                          decay="1-sqrt", output_dir=str(root / "decay"),
                                          packed_data_dir=str(root / "packed"), **COMMON)
-    constant = decay.branch(str(root / "constant"), end_lr_ratio=1.0)  # end = start: a constant LR
+    constant = decay.branch(str(root / "constant"), end_lr_factor=1.0)  # end = start: a constant LR
     decay.build_trainer().add_callback(lr_recorder := LearningRateRecorder())
     metrics = {"decay": decay.run(), "constant": constant.run()}
     return decay, constant, metrics, before, lr_recorder.lrs
@@ -146,7 +144,7 @@ def saved_moments(checkpoint: Path) -> dict[str, dict]:
 
 
 def closed_form_lr(peak: float, lr_scale: float, k: int, n: int, end: float = 0.0) -> float:
-    return peak * lr_scale * (end + (1 - end) * (1 - math.sqrt(k / n)))  # 1-sqrt, yulan_reference.md 3.4
+    return peak * lr_scale * (end + (1 - end) * (1 - math.sqrt(k / n)))  # 1-sqrt, docs/yulan_reference.md 3.4
 
 
 @pytest.mark.parametrize("layout", ["hf_trainer", "deepspeed_universal"])
@@ -241,7 +239,7 @@ def test_branches_leave_the_source_byte_identical(workdir, branches):
         assert (out / "model.safetensors").is_file() and (out / "anneal_plan.json").is_file()
         assert not out.is_relative_to(checkpoint)
     plan = json.loads((root / "constant" / "anneal_plan.json").read_text())
-    assert plan["end_lr_ratio"] == 1.0 and plan["start_step"] == STABLE_STEPS and plan["decay_steps"] == ANNEAL_STEPS
+    assert plan["end_lr_factor"] == 1.0 and plan["start_step"] == STABLE_STEPS and plan["decay_steps"] == ANNEAL_STEPS
     # every row comes from the new mix (no pre-annealing data position): 50/50 of ANNEAL_STEPS x BATCH rows
     half = ANNEAL_STEPS * BATCH // 2
     assert {k: v["rows"] for k, v in plan["data"].items()} == {str(workdir[2]["domain"]): half,
@@ -343,7 +341,7 @@ def test_cli_yaml_run_with_memory_options_and_export(workdir, tmp_path):
             "--per_device_train_batch_size", str(BATCH), "--activation_checkpointing", "true",
             "--loss_chunk_size", "100", "--output_dir", str(out), "--export_dir", str(export), "--use_cpu", "true",
             "--packed_data_dir", str(root / "packed")]
-    assert anneal_main(argv) == 0
+    assert cli_main(["anneal", *argv]) == 0
     metrics = json.loads((out / "yulan_tune_metrics.json").read_text())
     assert metrics["steps"] == 2 and math.isfinite(metrics["train_loss"]) and metrics["start_step"] == STABLE_STEPS
     plan = json.loads((out / "anneal_plan.json").read_text())
@@ -395,12 +393,12 @@ def test_sources_without_optimizer_state_fail_with_what_to_do(workdir, tmp_path)
 
 def test_mixture_counts_and_reports_repetition(workdir):
     root, checkpoint, data = workdir
-    assert mix_rows({"a": 0.3, "b": 0.7}, 11) == {"a": 3, "b": 8}  # 3.3 / 7.7: the larger remainder gets the row
-    assert sum(mix_rows({"a": 1 / 3, "b": 1 / 3, "c": 1 / 3}, 10).values()) == 10
+    assert largest_remainder(11, {"a": 0.3, "b": 0.7}) == {"a": 3, "b": 8}  # 3.3 / 7.7: the larger remainder gets the row
+    assert sum(largest_remainder(10, {"a": 1 / 3, "b": 1 / 3, "c": 1 / 3}).values()) == 10
     domain = pack_source(str(data["domain"]), checkpoint, SEQ, cache_root=root / "packed")
     heldout = pack_source(str(data["heldout"]), checkpoint, SEQ, cache_root=root / "packed")
     weights = {"domain": 0.5, "small": 0.5}
-    rows = mix_rows(weights, 3 * len(heldout) + 7)
+    rows = largest_remainder(3 * len(heldout) + 7, weights)
     mixture = MixtureDataset({"domain": domain, "small": heldout}, rows, seed=0, shuffle_seed=0)
     composition = mixture_composition(mixture, weights)
     assert {name: part["rows"] for name, part in composition.items()} == rows

@@ -1,7 +1,7 @@
 """The chat app through its API (gradio_client) and its parts: prompts, streaming, loading, limits, sessions, CLI.
 
 Replies are checked against greedy decoding of a prompt written out by hand in the YuLan-Mini-Instruct layout
-(yulan_reference.md section 6), so a test fails if the app renders, streams, or mixes up conversations wrongly.
+(docs/yulan_reference.md section 6), so a test fails if the app renders, streams, or mixes up conversations wrongly.
 """
 
 from __future__ import annotations

@@ -49,7 +49,7 @@ def letters_and_digits(text: str) -> str:
 
 
 def greedy_reference(chat_model: ChatModel, messages: list[dict[str, str]], max_new_tokens: int) -> tuple[str, int]:
-    """Greedy answer to the YuLan-Mini-Instruct prompt written out by hand (yulan_reference.md section 6)."""
+    """Greedy answer to the YuLan-Mini-Instruct prompt written out by hand (docs/yulan_reference.md section 6)."""
     text = "<s>" + "".join(
         f"<|start_header_id|>{m['role']}<|end_header_id|>\n\n{m['content']}<|eot_id|>" for m in messages
     ) + "<|start_header_id|>assistant<|end_header_id|>\n\n"

@@ -1,4 +1,4 @@
-"""yulanmini <-> Llama conversion: outputs unchanged both ways (yulan_reference.md section 2)."""
+"""yulanmini <-> Llama conversion: outputs unchanged both ways (docs/yulan_reference.md section 2)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from yulan_tune.modeling.convert import convert_main, from_llama, to_llama
+from yulan_tune.cli import main as cli_main
+from yulan_tune.modeling.convert import from_llama, to_llama
 from yulan_tune.modeling.yulanmini import YuLanMiniConfig, YuLanMiniForCausalLM
 
 SHAPES = {
@@ -60,7 +61,7 @@ def test_to_llama_and_back_keep_logits(shape, seed):
     assert logits.abs().max() > 1  # logits large enough for the tolerance to mean something
     assert max_difference(model, llama, ids) <= 1e-5
     # packed rows: both forms restart RoPE and mask documents from position_ids (Llama only without a cache:
-    # with use_cache=True it attends across documents, stack_notes.md)
+    # with use_cache=True it attends across documents, docs/stack_notes.md)
     position_ids = torch.cat([torch.arange(6), torch.arange(10)]).expand(2, -1)
     assert max_difference(model, llama, ids, position_ids=position_ids, use_cache=False) <= 1e-5
 
@@ -109,7 +110,7 @@ def test_full_size_llama_form_has_the_released_parameter_count():
     assert not config.tie_word_embeddings and config.attention_bias and config.head_dim == 64
     total = sum(p.numel() for p in llama.parameters())
     o_proj_biases = 56 * 1920
-    assert total - o_proj_biases == 2_424_267_648  # yulan_reference.md 1.1: the advertised 2.42B counts the head
+    assert total - o_proj_biases == 2_424_267_648  # docs/yulan_reference.md 1.1: the advertised 2.42B counts the head
     assert total == 2_424_375_168
 
 
@@ -139,15 +140,15 @@ def test_convert_cli_round_trip(tmp_path, capsys):
     source, llama_dir, back_dir = tmp_path / "yulanmini", tmp_path / "llama", tmp_path / "back"
     model.save_pretrained(source)
     (source / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 4096}))
-    assert convert_main(["--to", "llama", str(source), str(llama_dir)]) == 0
+    assert cli_main(["convert", "--to", "llama", str(source), str(llama_dir)]) == 0
     assert "max |logit difference|" in capsys.readouterr().out
     assert json.loads((llama_dir / "config.json").read_text())["model_type"] == "llama"
     assert (llama_dir / "model.safetensors").is_file() and (llama_dir / "tokenizer_config.json").is_file()
-    assert convert_main(["--to", "yulanmini", str(llama_dir), str(back_dir), "--dim-model-base-lr", "64",
+    assert cli_main(["convert", "--to", "yulanmini", str(llama_dir), str(back_dir), "--dim-model-base-lr", "64",
                          "--tie-word-embeddings"]) == 0
     back = YuLanMiniForCausalLM.from_pretrained(back_dir)
     assert back.config.tie_word_embeddings and back.config.dim_model_base_lr == 64
     ids = torch.randint(0, 256, (1, 12))
     assert max_difference(model, back, ids) <= 1e-5
-    assert convert_main(["--to", "llama", str(llama_dir), str(tmp_path / "x")]) == 2  # wrong direction
+    assert cli_main(["convert", "--to", "llama", str(llama_dir), str(tmp_path / "x")]) == 2  # wrong direction
     assert "from_llama / --to yulanmini" in capsys.readouterr().err

@@ -12,14 +12,9 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
 from yulan_tune.data.preferences import math_preference_pairs, tokenize_preferences
-from yulan_tune.dpo import (
-    DPOConfig,
-    DPORecipe,
-    completion_logps,
-    dpo_main,
-    parse_config,
-    preference_method,
-)
+from yulan_tune.cli import main as cli_main
+from yulan_tune.dpo import DPOConfig, DPORecipe, parse_config, preference_method
+from yulan_tune.evaluation.preferences import completion_logps
 from yulan_tune.paths import RECIPES_DIR
 
 N_PAIRS, N_HELDOUT = 16, 8
@@ -30,7 +25,7 @@ def _config(tiny_dir: Path, out: Path, **overrides) -> DPOConfig:
                   num_heldout_pairs=N_HELDOUT, max_length=128, per_device_train_batch_size=4,
                   per_device_eval_batch_size=N_HELDOUT, max_steps=1, learning_rate=1e-3, logging_steps=1,
                   save_strategy="no", report_to="none", disable_tqdm=True, lr_scheduler_type="constant",
-                  warmup_steps=0, gradient_checkpointing=False, seed=0, lora_r=8, lora_alpha=16)
+                  warmup_steps=0, activation_checkpointing=False, seed=0, lora_r=8, lora_alpha=16)
     values.update(overrides)
     return DPOConfig(**values)
 
@@ -172,7 +167,7 @@ def test_qlora_dpo_gets_lora_gradients_after_reference_forwards(tiny_dir: Path, 
             self.norms.append(sum(p.grad.norm().item() for n, p in model.named_parameters()
                                   if "lora_B" in n and p.grad is not None))
 
-    recipe = DPORecipe(_config(tiny_dir, tmp_path / "qlora", use_peft=True, quantization="4bit", max_steps=2,
+    recipe = DPORecipe(_config(tiny_dir, tmp_path / "qlora", use_peft=True, load_in_4bit=True, max_steps=2,
                                eval_dataset=None))
     trainer = recipe.build_trainer()
     assert trainer.model.get_base_model().is_loaded_in_4bit
@@ -187,10 +182,10 @@ def test_resume_from_checkpoint_matches_an_uninterrupted_run(tiny_dir: Path, tmp
     common = ["--model_name_or_path", str(tiny_dir), "--num_bundled_pairs", "16", "--eval_dataset", "",
               "--max_length", "128", "--per_device_train_batch_size", "4", "--max_steps", "2", "--learning_rate",
               "1e-3", "--use_peft", "true", "--lora_r", "8", "--save_strategy", "steps", "--save_steps", "1",
-              "--report_to", "none", "--disable_tqdm", "true", "--gradient_checkpointing", "false", "--bf16", "false"]
-    assert dpo_main(common + ["--output_dir", str(tmp_path / "full")]) == 0
-    assert dpo_main(common + ["--output_dir", str(tmp_path / "resumed"), "--resume_from_checkpoint",
-                              str(tmp_path / "full" / "checkpoint-1")]) == 0
+              "--report_to", "none", "--disable_tqdm", "true", "--activation_checkpointing", "false", "--bf16", "false"]
+    assert cli_main(["dpo", *common, "--output_dir", str(tmp_path / "full")]) == 0
+    assert cli_main(["dpo", *common, "--output_dir", str(tmp_path / "resumed"), "--resume_from_checkpoint",
+                     str(tmp_path / "full" / "checkpoint-1")]) == 0
     from safetensors.torch import load_file
 
     full = load_file(tmp_path / "full" / "adapter_model.safetensors")
@@ -222,7 +217,7 @@ def test_shipped_configs_parse_with_the_yulan_recipe() -> None:
         config = parse_config(["--config", str(path), *cpu_override])
         assert config.method in ("dpo", "simpo", "orpo", "kto"), path
         if path.name.startswith("dpo_yulan_mini_instruct"):
-            # yulan_reference.md section 6: beta 0.1, 2 epochs, batch 128 (per device x accumulation on one GPU)
+            # docs/yulan_reference.md section 6: beta 0.1, 2 epochs, batch 128 (per device x accumulation on one GPU)
             assert config.model_name_or_path == "yulan-team/YuLan-Mini-Instruct"
             assert (config.beta, config.num_train_epochs) == (0.1, 2)
             assert config.per_device_train_batch_size * config.gradient_accumulation_steps == 128

@@ -10,13 +10,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from yulan_tune.data.formats import (
-    DataFormatError,
-    check_data_main,
-    iter_records,
-    length_stats,
-    load_sft_examples,
-)
+from yulan_tune.cli import main as cli_main
+from yulan_tune.data.formats import length_stats, load_sft_examples
+from yulan_tune.data.records import DataFormatError, iter_records
 
 # one row per format, and the messages each one must normalize to (written by hand, not by the parser)
 ROWS = [
@@ -159,7 +155,7 @@ def test_skip_mode_keeps_good_rows_and_counts_every_bad_one(tmp_path: Path) -> N
     path = tmp_path / "mixed.jsonl"
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
 
-    examples, report = load_sft_examples(path, on_error="skip")
+    examples, report = load_sft_examples(path, on_bad_rows="skip")
     assert [(e.line, e.format) for e in examples] == [(1, "messages"), (4, "alpaca"), (11, "text")]
     assert report.counts == {"invalid_json": 1, "unknown_role": 4, "no_assistant_turn": 1, "not_an_object": 1}
     assert report.total_skipped == 7
@@ -192,7 +188,7 @@ def test_check_data_reports_counts_lengths_and_marks_trained_spans(tiny_dir: Pat
 
     bad = {"messages": [{"role": "user", "content": "a"}]}
     path = _write_jsonl(tmp_path / "train.jsonl", ROWS + [bad])
-    code = check_data_main([str(path), "--model", str(tiny_dir), "--max-length", "30"])
+    code = cli_main(["check-data", str(path), "--model", str(tiny_dir), "--max-length", "30"])
     out = capsys.readouterr().out
     assert code == 1  # one row is unusable
     assert f"{path}: 5 valid samples, 1 skipped" in out
@@ -211,7 +207,7 @@ def test_check_data_reports_counts_lengths_and_marks_trained_spans(tiny_dir: Pat
     assert rendered.count("«") == 1
 
     good = _write_jsonl(tmp_path / "good.jsonl", ROWS[:2])
-    assert check_data_main([str(good), "--model", str(tiny_dir), "--sample", "1"]) == 0
+    assert cli_main(["check-data", str(good), "--model", str(tiny_dir), "--sample", "1"]) == 0
     out = capsys.readouterr().out
     rendered = out.split("trained tokens in «»:\n", 1)[1]
     assert "problems: none" in out and rendered.count("«") == 2  # both assistant turns of the ShareGPT sample

@@ -10,19 +10,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from yulan_tune.data.mixture import (
+from yulan_tune.data.curriculum import (
     Curriculum,
     CurriculumError,
-    MixtureDataset,
     Phase,
     load_curriculum,
-    open_phase,
     parse_token_count,
     plan_phases,
     read_data_mix,
     token_budget_to_steps,
 )
-from yulan_tune.data.packing import PackedDataset, prepare_packed_dataset
+from yulan_tune.data.mixture import MixtureDataset, open_phase
+from yulan_tune.data.packed import PackedDataset
+from yulan_tune.data.packing import prepare_packed_dataset
 from yulan_tune.paths import PRETRAIN_DIR, REPO_ROOT
 
 SHARED_YULAN = REPO_ROOT.parent / "shared" / "yulan"

@@ -1,4 +1,4 @@
-"""muP parameter groups (yulan_reference.md 3.2) and the hidden-state monitor (3.7)."""
+"""muP parameter groups (docs/yulan_reference.md 3.2) and the hidden-state monitor (3.7)."""
 
 from __future__ import annotations
 

@@ -14,8 +14,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from yulan_tune.data.formats import DataFormatError
-from yulan_tune.data.packing import PackedDataset, prepare_data_main, prepare_packed_dataset
+from yulan_tune.cli import main as cli_main
+from yulan_tune.data.packed import PackedDataset
+from yulan_tune.data.packing import prepare_packed_dataset
+from yulan_tune.data.records import DataFormatError
 from yulan_tune.paths import PRETRAIN_DIR
 
 SEQ_LEN = 96
@@ -28,7 +30,7 @@ def corpus(tmp_path_factory, tiny_dir) -> dict:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from yulan_tune.data.corpus import stdlib_documents
+    from yulan_tune.data.bundled import stdlib_documents
 
     root = tmp_path_factory.mktemp("corpus")
     sources = [text[:3000] for text in stdlib_documents(limit=40)]
@@ -132,7 +134,7 @@ def test_bad_rows_name_file_line_and_field_or_are_counted(tiny_dir, tmp_path):
     with pytest.raises(DataFormatError, match=r"bad\.jsonl:3: invalid JSON"):
         prepare_packed_dataset([bad], tiny_dir, tmp_path / "strict", seq_len=4, progress=False)
     manifest = prepare_packed_dataset([bad], tiny_dir, tmp_path / "lenient", seq_len=4, progress=False,
-                                      on_bad_row="skip")
+                                      on_bad_rows="skip")
     assert manifest["bad_rows"] == {"invalid_json": 1, "missing_text": 1, "text_not_a_string": 1}
     assert manifest["documents"] == 3
     assert any("bad.jsonl:5: field 'text': missing" in example for example in manifest["bad_row_examples"])
@@ -153,10 +155,10 @@ def _measure_peak_growth(tokenizer: Path, budget_mb: int, small: Path, big: Path
                str(budget_mb), "--segment-chars", "65536", "--unit-mb", "4", "--no-progress"]
     code = 1
     try:
-        assert prepare_data_main([str(small), "--out", str(out / "small"), *options]) == 0
+        assert cli_main(["prepare-data", str(small), "--out", str(out / "small"), *options]) == 0
         Path("/proc/self/clear_refs").write_text("5")  # import-time transients must not hide the big run's peak
         baseline = _status_mb("VmRSS")
-        assert prepare_data_main([str(big), "--out", str(out / "big"), *options]) == 0
+        assert cli_main(["prepare-data", str(big), "--out", str(out / "big"), *options]) == 0
         result.write_text(json.dumps({"baseline_mb": baseline, "peak_mb": _status_mb("VmHWM")}))
         code = 0
     finally:
@@ -218,8 +220,8 @@ def test_prepare_script_is_the_cli(tmp_path, tiny_dir, monkeypatch, capsys):
     with pytest.raises(SystemExit) as exit_info:
         runpy.run_path(script, run_name="__main__")
     assert exit_info.value.code == 0
-    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert summary["rows"] == len(PackedDataset(tmp_path / "out")) > 0
+    rows = re.search(r"^prepare-data: 1 documents -> ([\d,]+) rows of 64 tokens", capsys.readouterr().out, re.M)
+    assert rows and int(rows.group(1).replace(",", "")) == len(PackedDataset(tmp_path / "out")) > 0
     monkeypatch.setattr(sys, "argv", [script, str(tmp_path / "nope.jsonl"), "--tokenizer", str(tiny_dir),
                                       "--out", str(tmp_path / "o2")])
     with pytest.raises(SystemExit) as exit_info:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from yulan_tune.data.formats import DataFormatError, Record
+from yulan_tune.data.records import DataFormatError, Record
 from yulan_tune.data.math_problems import extract_answer, generate_problems
 from yulan_tune.data.preferences import (
     REJECTION_KINDS,
@@ -111,7 +111,7 @@ def test_skip_mode_counts_bad_pairs(tmp_path: Path) -> None:
             {"prompt": "b", "chosen": "", "rejected": "y"}, {"prompt": "c", "chosen": "x", "rejected": "z"}]
     path = tmp_path / "pairs.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows) + "not json\n", encoding="utf-8")
-    examples, report = load_preference_examples(path, on_error="skip")
+    examples, report = load_preference_examples(path, on_bad_rows="skip")
     assert [e.line for e in examples] == [1, 4]
     assert report.counts == {"identical_pair": 1, "empty_response": 1, "invalid_json": 1}
 

@@ -19,8 +19,9 @@ import torch
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
-from yulan_tune.pretrain import PretrainConfig, PretrainRecipe, prepare_bundled_corpus
-from yulan_tune.training.trainer import CHECKPOINT_COMPLETE, read_checkpoint_record
+from yulan_tune.data.bundled import prepare_bundled_corpus
+from yulan_tune.pretrain import PretrainConfig, PretrainRecipe
+from yulan_tune.training.checkpoints import CHECKPOINT_COMPLETE, read_checkpoint_record
 
 SEQ_LEN, BATCH, PHASE_STEPS, SAVE_STEPS = 64, 4, 8, 3
 CURRICULUM = f"""seq_len: {SEQ_LEN}
@@ -183,9 +184,9 @@ def test_pretrain_tiny_base_writes_the_quickstart_llama(tmp_path, tiny_dir):
     """The tiny base of the quickstart: a TINY_SHAPE yulanmini pretrained by this recipe, then converted to Llama."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from yulan_tune.modeling.tiny import TINY_SHAPE
+    from yulan_tune.tiny import TINY_SHAPE
     from yulan_tune.modeling.yulanmini import YuLanMiniForCausalLM
-    from yulan_tune.pretrain import pretrain_tiny_base
+    from yulan_tune.tiny import pretrain_tiny_base
 
     out = pretrain_tiny_base(tmp_path / "tiny", tiny_dir, steps=4, seed=0)
     llama = AutoModelForCausalLM.from_pretrained(out)

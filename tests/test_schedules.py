@@ -1,4 +1,4 @@
-"""WSD schedule vs the closed-form formulas (yulan_reference.md 3.4), written here once more, vectorized in numpy."""
+"""WSD schedule vs the closed-form formulas (docs/yulan_reference.md 3.4), written here once more, vectorized in numpy."""
 
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ def closed_form(steps: np.ndarray, *, warmup: int, stable: int, decay: int, shap
 @pytest.mark.parametrize("warmup,stable,decay,start,end", [(50, 200, 300, 0, 0.0), (0, 0, 19000, 243198, 0.1)])
 def test_wsd_matches_closed_form_including_after_the_end(shape, warmup, stable, decay, start, end):
     schedule = WSDSchedule(warmup_steps=warmup, stable_steps=stable, decay_steps=decay, decay_shape=shape,
-                           start_step=start, end_factor=end)
+                           start_step=start, end_lr_factor=end)
     # every step of the run, plus far past the end (the reference jumps back to the peak there)
     end_step = start + warmup + stable + decay
     steps = np.concatenate([np.arange(max(start - 50, 0), start + warmup + stable + 50),  # before/at start, warmup
@@ -60,7 +60,7 @@ def test_stable_forever_and_tokens():
     tokens_per_step = 4096 * 8
     by_tokens = WSDSchedule.from_tokens(tokens_per_step=tokens_per_step, warmup_tokens=20 * tokens_per_step,
                                         stable_tokens=100 * tokens_per_step, decay_tokens=50 * tokens_per_step,
-                                        decay_shape="cos2", end_factor=0.01)
+                                        decay_shape="cos2", end_lr_factor=0.01)
     steps = np.arange(0, 400)
     expected = closed_form(steps, warmup=20, stable=100, decay=50, shape="cos2", start=0, end=0.01)
     np.testing.assert_allclose([by_tokens(int(t)) for t in steps], expected, atol=1e-12)
@@ -74,7 +74,7 @@ def test_scheduler_resumes_from_state_dict(caplog):
         # two groups with different peaks, as the muP groups: the multiplier applies to each group's own LR
         return torch.optim.AdamW([{"params": params[:1], "lr": 1e-2}, {"params": params[1:], "lr": 1e-2 / 7.5}])
 
-    schedule = WSDSchedule(warmup_steps=3, stable_steps=5, decay_steps=6, decay_shape="linear", end_factor=0.1)
+    schedule = WSDSchedule(warmup_steps=3, stable_steps=5, decay_steps=6, decay_shape="linear", end_lr_factor=0.1)
     opt = optimizer()
     scheduler = create_wsd_scheduler(opt, schedule)
     lrs = []
@@ -113,7 +113,7 @@ def test_scheduler_resumes_from_state_dict(caplog):
 
 
 def test_wsd_lambda_signature_matches_dataclass():
-    kwargs = dict(warmup_steps=4, stable_steps=2, decay_steps=8, decay_shape="cosine", start_step=100, end_factor=0.2)
+    kwargs = dict(warmup_steps=4, stable_steps=2, decay_steps=8, decay_shape="cosine", start_step=100, end_lr_factor=0.2)
     schedule = WSDSchedule(**kwargs)
     assert all(wsd_lambda(t, **kwargs) == schedule(t) for t in range(90, 130))
     assert schedule(99) == 0.0 and schedule(100) == 0.0 and schedule(102) == 0.5

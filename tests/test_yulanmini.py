@@ -1,4 +1,4 @@
-"""The yulanmini architecture against an independent implementation of yulan_reference.md 1.3-1.6."""
+"""The yulanmini architecture against an independent implementation of docs/yulan_reference.md 1.3-1.6."""
 
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ def small_model(seed: int = 0, **overrides) -> YuLanMiniForCausalLM:
     return model.eval()
 
 
-# --- an independent forward, written from the formulas of yulan_reference.md 1.3 over a raw state dict ---------------
+# --- an independent forward, written from the formulas of docs/yulan_reference.md 1.3 over a raw state dict ---------------
 
 def reference_logits(t: dict[str, torch.Tensor], c: dict, ids: torch.Tensor) -> torch.Tensor:
     hidden, heads, kv_heads = c["hidden_size"], c["num_attention_heads"], c["num_key_value_heads"]
@@ -242,7 +242,7 @@ def test_full_size_config_builds_on_meta_with_the_reference_parameter_count():
     alphas = {name: p.numel() for name, p in model.named_parameters() if name.endswith("_alpha")}
     total = sum(p.numel() for p in model.parameters())  # the tied lm_head counts once
     assert len(alphas) == sum(alphas.values()) == 8 * 56 + 2  # q,k,v,o,gate_up,down,2 norms per layer; norm, lm_head
-    assert total - len(alphas) == 2_234_187_648  # yulan_reference.md 1.1 (the Llama form's tied count)
+    assert total - len(alphas) == 2_234_187_648  # docs/yulan_reference.md 1.1 (the Llama form's tied count)
     assert total == 2_234_188_098
 
 

@@ -14,7 +14,7 @@ __version__ = "0.1.0"
 
 # public name -> module that defines it
 _EXPORTS = {
-    "build_tiny": "yulan_tune.modeling.tiny",
+    "build_tiny": "yulan_tune.tiny",
     "load_model": "yulan_tune.loading",
     "load_tokenizer": "yulan_tune.loading",
     "SFTConfig": "yulan_tune.sft",

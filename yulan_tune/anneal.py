@@ -8,12 +8,12 @@
     recipe.run()
     recipe.export_llama("out/anneal-llama")
 
-What YuLan-Mini did in its annealing phases (yulan_reference.md 3.4, 4, 7.12, 7.14) and what this recipe does:
+What YuLan-Mini did in its annealing phases (docs/yulan_reference.md 3.4, 4, 7.12, 7.14) and what this recipe does:
 
 - Resume from the stable-phase checkpoint *with its AdamW moments and step* (`training/optim_state.py`: HF Trainer
   `optimizer.pt` or the DeepSpeed universal checkpoint `YuLan-Mini-Before-Annealing` ships, read without DeepSpeed).
   The moments are loaded by parameter name and every mismatch is reported; none is silently re-initialized.
-- The LR decays from the checkpoint's LR (its full-rate group, 1e-2 for YuLan-Mini) to `end_lr_ratio` of it over the
+- The LR decays from the checkpoint's LR (its full-rate group, 1e-2 for YuLan-Mini) to `end_lr_factor` of it over the
   token budget, with the chosen shape (1-sqrt as YuLan-Mini, cosine, linear): at optimizer step t of the global count
   (t = S + k, S the checkpoint's step, k = 0..N-1) the multiplier is end + (1 - end) f(k / N), `WSDSchedule` with
   start_step S, no warmup, no stable window. muP groups keep their ratios: each group runs at peak * lr_scale
@@ -36,78 +36,34 @@ Distributed: single process and DDP. DeepSpeed ZeRO and FSDP re-create or re-sha
 
 from __future__ import annotations
 
+import copy
 import dataclasses
-import hashlib
 import json
 import logging
-import math
 import os
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.checkpoint import checkpoint
 from transformers import AutoConfig, PreTrainedModel, TrainingArguments, default_data_collator
 
-from yulan_tune.data.mixture import MixtureDataset
-from yulan_tune.data.mixture import parse_token_count as mixture_token_count
-from yulan_tune.data.packing import PackedDataset, prepare_packed_dataset
+from yulan_tune.console import write_metrics
+from yulan_tune.data.curriculum import parse_token_count
+from yulan_tune.data.mixture import MixtureDataset, largest_remainder, mixture_composition, parse_data_mix, stream_names
+from yulan_tune.data.sources import pack_source
 from yulan_tune.loading import load_model, load_tokenizer
-from yulan_tune.modeling.yulanmini import YuLanMiniForCausalLM, causal_lm_loss_with_z_loss
-from yulan_tune.paths import cache_home
+from yulan_tune.modeling.convert import to_llama
+from yulan_tune.modeling.yulanmini import YuLanMiniForCausalLM
+from yulan_tune.tiny import resolve_tiny
+from yulan_tune.training.callbacks import TrainingProgress, use_console_progress
+from yulan_tune.training.checkpoints import AnnealSource, resolve_source
 from yulan_tune.training.mup import REFERENCE_BETAS, REFERENCE_EPS, REFERENCE_WEIGHT_DECAY
-from yulan_tune.training.optim_state import (
-    CheckpointOptimizerState,
-    OptimizerStateReport,
-    find_universal_checkpoint,
-    hf_default_param_groups,
-    load_optimizer_state,
-    read_optimizer_checkpoint,
-)
-from yulan_tune.training.schedules import WSDSchedule, canonical_decay_shape, create_wsd_scheduler
-from yulan_tune.training.trainer import YuLanTrainer, latest_complete_checkpoint
+from yulan_tune.training.optim_state import CheckpointOptimizerState, read_optimizer_checkpoint
+from yulan_tune.training.schedules import WSDSchedule, canonical_decay_shape
+from yulan_tune.training.trainer import AnnealTrainer
 
 logger = logging.getLogger(__name__)
-
-TINY_MODEL = "tiny"  # resolves to the tiny pre-annealing checkpoint (built on first use, see tiny_pre_annealing)
-IGNORE_INDEX = -100
-
-
-def parse_token_count(value: str | int | float) -> int:
-    """'2B' -> 2_000_000_000, '500M', '1.5e6', 4096 (yulan_tune.data.mixture's parser; K/M/B/T suffixes). A float
-    (YAML reads `1.5e6` as one) must be a whole number of tokens."""
-    if isinstance(value, float) and value.is_integer():
-        value = int(value)
-    count = mixture_token_count(value, "tokens")
-    if count < 1:
-        raise ValueError(f"tokens={value!r}: the budget must be at least one token")
-    return count
-
-
-def parse_data_mix(value: dict[str, float] | str | None) -> dict[str, float]:
-    """The data mix {source: weight}: a mapping (YAML / Python), a JSON object string, or "a.jsonl=0.3,b.jsonl=0.7".
-    Weights are normalized to sum to 1."""
-    if value is None or value == "" or value == {}:
-        raise ValueError("data: give at least one source, e.g. {'my_domain.jsonl': 0.3, 'replay.jsonl': 0.7}")
-    if isinstance(value, str):
-        text = value.strip()
-        if text.startswith("{"):
-            value = json.loads(text)
-        else:
-            pairs = [item.rsplit("=", 1) for item in text.split(",") if item.strip()]
-            if any(len(pair) != 2 for pair in pairs):
-                raise ValueError(f"data={value!r}: expected 'source=weight,source=weight' or a JSON object")
-            value = {source.strip(): float(weight) for source, weight in pairs}
-    if not isinstance(value, dict):
-        raise ValueError(f"data: expected a mapping source -> weight, got {type(value).__name__}")
-    weights = {str(source): float(weight) for source, weight in value.items()}
-    bad = {source: weight for source, weight in weights.items() if not weight > 0 or not math.isfinite(weight)}
-    if bad:
-        raise ValueError(f"data: every weight must be a positive number, got {bad}")
-    total = sum(weights.values())
-    return {source: weight / total for source, weight in weights.items()}
 
 
 @dataclass
@@ -118,7 +74,7 @@ class AnnealConfig(TrainingArguments):
     the decay below. `max_steps` is derived from `tokens`."""
 
     model_name_or_path: str = field(
-        default=TINY_MODEL, metadata={"help": "pre-annealing checkpoint: hub id, local dir (yulanmini weights with "
+        default="tiny", metadata={"help": "pre-annealing checkpoint: hub id, local dir (yulanmini weights with "
                                               "optimizer.pt or a global_step*_universal folder), or 'tiny'"})
     optimizer_state: str = field(
         default="auto", metadata={"help": "'auto': read it from the checkpoint (required there); a path to an HF "
@@ -129,7 +85,7 @@ class AnnealConfig(TrainingArguments):
                                         "written by `yulan-tune prepare-data`; JSON or 'a.jsonl=0.3,b.jsonl=0.7'"})
     tokens: str = field(default="2B", metadata={"help": "token budget of the decay, e.g. '2B', '500M', 1e6"})
     decay: str = field(default="1-sqrt", metadata={"help": "decay shape: 1-sqrt (YuLan-Mini), cosine, cos2, linear"})
-    end_lr_ratio: float = field(default=0.0, metadata={"help": "final LR as a fraction of the start LR (YuLan: 0)"})
+    end_lr_factor: float = field(default=0.0, metadata={"help": "final LR as a fraction of the start LR (YuLan: 0)"})
     peak_lr: float | None = field(
         default=None, metadata={"help": "LR of the full-rate muP group at the start of the decay; default: the "
                                         "checkpoint's"})
@@ -159,7 +115,7 @@ class AnnealConfig(TrainingArguments):
                                                                 "float32"})
     dtype: str | None = field(default=None, metadata={"help": "model dtype: float32 (default on CPU), bfloat16"})
 
-    # YuLan-Mini's values for TrainingArguments fields (yulan_reference.md 3.1), used when the checkpoint has none
+    # YuLan-Mini's values for TrainingArguments fields (docs/yulan_reference.md 3.1), used when the checkpoint has none
     weight_decay: float = REFERENCE_WEIGHT_DECAY
     adam_beta1: float = REFERENCE_BETAS[0]
     adam_beta2: float = REFERENCE_BETAS[1]
@@ -171,289 +127,18 @@ class AnnealConfig(TrainingArguments):
 
     def __post_init__(self):
         self.decay = canonical_decay_shape(self.decay)
-        self.token_budget = parse_token_count(self.tokens)
+        self.token_budget = parse_token_count(self.tokens, "tokens")
+        if self.token_budget < 1:
+            raise ValueError(f"tokens={self.tokens!r}: the budget must be at least one token")
         if self.data is not None:
             self.data = parse_data_mix(self.data)
-        if not 0.0 <= self.end_lr_ratio <= 1.0:
-            raise ValueError(f"end_lr_ratio must be in [0, 1], got {self.end_lr_ratio}")
+        if not 0.0 <= self.end_lr_factor <= 1.0:
+            raise ValueError(f"end_lr_factor must be in [0, 1], got {self.end_lr_factor}")
         if self.seq_len < 2:
             raise ValueError(f"seq_len must be >= 2, got {self.seq_len}")
         if self.loss_chunk_size is not None and self.loss_chunk_size < 1:
             raise ValueError(f"loss_chunk_size must be >= 1 or None, got {self.loss_chunk_size}")
         super().__post_init__()
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# The checkpoint to anneal from
-
-
-@dataclass
-class AnnealSource:
-    """Where the pre-annealing model and its optimizer state live (both only read)."""
-
-    model_dir: Path
-    optimizer_dir: Path | None  # HF checkpoint-N dir or DeepSpeed universal folder; None: fresh moments
-
-
-def _latest_trainer_checkpoint(path: Path) -> Path | None:
-    """The newest checkpoint-N of a training output dir: the newest complete one when the run wrote completion
-    records (PretrainRecipe's atomic checkpoints), else the highest-numbered one with an optimizer.pt."""
-    complete = latest_complete_checkpoint(path)
-    if complete is not None:
-        return complete
-    found = sorted((int(p.name.split("-")[1]), p) for p in path.glob("checkpoint-*")
-                   if p.name.split("-")[1].isdigit() and (p / "optimizer.pt").is_file())
-    return found[-1][1] if found else None
-
-
-def resolve_source(name_or_path: str, optimizer_state: str = "auto") -> AnnealSource:
-    """Find the model weights and the optimizer state of a pre-annealing checkpoint.
-
-    Accepted: "tiny"; an HF Trainer `checkpoint-N` dir; a training output dir holding `checkpoint-*` (the latest with
-    an optimizer.pt is used); a model dir holding a DeepSpeed universal checkpoint (`latest_universal` /
-    `global_step*_universal`, as YuLan-Mini-Before-Annealing); a `global_step*_universal` folder itself (weights from
-    its parent); a hub id (downloaded with huggingface_hub, the universal checkpoint included)."""
-    if name_or_path == TINY_MODEL:
-        path = tiny_pre_annealing()
-    else:
-        path = Path(name_or_path).expanduser()
-        if not path.exists():
-            if name_or_path.startswith((".", "/", "~")):
-                raise FileNotFoundError(f"{name_or_path}: no such directory")
-            path = _download(name_or_path)
-    if (path / "zero").is_dir() and not (path / "config.json").is_file():  # the universal folder itself
-        model_dir = path.parent
-    elif not (path / "config.json").is_file() and (latest := _latest_trainer_checkpoint(path)) is not None:
-        model_dir = latest
-    else:
-        model_dir = path
-    if not (model_dir / "config.json").is_file():
-        raise FileNotFoundError(f"{path}: no config.json with the model weights (looked in {model_dir}); pass a "
-                                "model dir, an HF checkpoint-N dir or a training output dir")
-
-    if optimizer_state == "none":
-        optimizer_dir = None
-    elif optimizer_state != "auto":
-        optimizer_dir = Path(optimizer_state).expanduser()
-        if not optimizer_dir.exists():
-            raise FileNotFoundError(f"optimizer_state={optimizer_state!r}: no such file or directory")
-    elif (model_dir / "optimizer.pt").is_file():
-        optimizer_dir = model_dir
-    elif (universal := find_universal_checkpoint(path if (path / "zero").is_dir() else model_dir)) is not None:
-        optimizer_dir = universal
-    else:
-        raise FileNotFoundError(
-            f"{model_dir}: no optimizer state (no optimizer.pt, no DeepSpeed universal checkpoint). Annealing is "
-            "meant to continue the checkpoint's AdamW moments; a released model (e.g. a Llama export) has none. "
-            "Point model_name_or_path at a pre-annealing checkpoint (YuLan-Mini-Before-Annealing, or a checkpoint-N "
-            "of `yulan-tune pretrain`), pass optimizer_state=PATH, or optimizer_state='none' to start AdamW afresh."
-        )
-    return AnnealSource(model_dir, optimizer_dir)
-
-
-def _download(repo_id: str) -> Path:
-    from huggingface_hub import snapshot_download
-
-    try:
-        return Path(snapshot_download(repo_id))
-    except Exception as error:  # offline, missing repo, gated: one actionable line
-        raise FileNotFoundError(
-            f"could not load {repo_id!r}: no such local directory, and downloading it from the hub failed "
-            f"({type(error).__name__}). Download it where the hub is reachable "
-            f"(`huggingface-cli download {repo_id} --local-dir DIR`, which includes its global_step*_universal "
-            "optimizer states) and pass DIR."
-        ) from error
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Data: a weighted mix of packed sources
-
-
-def _packed_cache_dir(source: Path, tokenizer_dir: Path, seq_len: int, text_field: str, root: Path) -> Path:
-    stat = source.stat()
-    key = json.dumps([str(source.resolve()), stat.st_size, stat.st_mtime_ns, str(tokenizer_dir.resolve()), seq_len,
-                      text_field])
-    return root / f"{source.stem}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
-
-
-def _bundled_documents(name: str) -> list[str]:
-    from yulan_tune.data.corpus import bundled_corpus, math_documents, stdlib_documents
-
-    documents = {"bundled:corpus": bundled_corpus, "bundled:math": math_documents, "bundled:stdlib": stdlib_documents}
-    if name not in documents:
-        raise ValueError(f"data source {name!r}: unknown bundled set; expected one of {sorted(documents)}")
-    return documents[name]()
-
-
-def pack_source(source: str, tokenizer_dir: Path, seq_len: int, *, text_field: str = "text",
-                cache_root: Path | None = None) -> PackedDataset:
-    """A packed dataset for one source: a `prepare-data` output dir is used as is (its row length must equal
-    seq_len); raw files and dirs are tokenized and packed once into the cache (EOS between documents). The bundled
-    sets ("bundled:corpus", "bundled:math", "bundled:stdlib", see data/corpus.py) are written out as JSONL first."""
-    cache_root = cache_root or cache_home() / "packed"
-    if source.startswith("bundled:"):
-        bundled = cache_root / f"{source.replace(':', '-')}.jsonl"
-        if not bundled.is_file():
-            bundled.parent.mkdir(parents=True, exist_ok=True)
-            staging = bundled.with_suffix(".tmp")
-            staging.write_text("".join(json.dumps({"text": text}) + "\n" for text in _bundled_documents(source)))
-            staging.replace(bundled)
-        source, text_field = str(bundled), "text"
-    path = Path(source).expanduser()
-    if not path.exists():
-        raise FileNotFoundError(f"data source {source!r}: no such file or directory")
-    if (path / "manifest.json").is_file():
-        packed = PackedDataset(path)
-        if packed.seq_len != seq_len:
-            raise ValueError(f"data source {source}: packed with seq_len {packed.seq_len}, the anneal uses seq_len "
-                             f"{seq_len}; pack it again with `yulan-tune prepare-data --seq-len {seq_len}` or pass "
-                             "the raw files")
-        return packed
-    out = _packed_cache_dir(path, tokenizer_dir, seq_len, text_field, cache_root)
-    manifest = prepare_packed_dataset([path], tokenizer_dir, out, seq_len=seq_len, text_field=text_field,
-                                      num_workers=1, progress=False)
-    if manifest["rows"] == 0:
-        raise ValueError(f"data source {source}: {manifest['tokenized_tokens']} tokens, less than one row of "
-                         f"{seq_len}; add data or lower seq_len")
-    return PackedDataset(out)
-
-
-def mix_rows(weights: dict[str, float], num_rows: int) -> dict[str, int]:
-    """Rows per source proportional to `weights`, summing to exactly `num_rows` (largest remainder)."""
-    exact = {name: weight * num_rows for name, weight in weights.items()}
-    rows = {name: math.floor(value) for name, value in exact.items()}
-    for name in sorted(exact, key=lambda n: exact[n] - rows[n], reverse=True)[:num_rows - sum(rows.values())]:
-        rows[name] += 1
-    return rows
-
-
-def stream_names(sources: list[str]) -> dict[str, str]:
-    """The name each source's row stream is seeded with (data/mixture.py `stream_rows`): its file or directory name,
-    so the data order depends on the seed and the data, not on where the files live; sources sharing a name get
-    their position in the mix appended."""
-    names = {source: Path(source).name or source for source in sources}
-    counts = {name: list(names.values()).count(name) for name in names.values()}
-    return {source: name if counts[name] == 1 else f"{name}#{i}" for i, (source, name) in enumerate(names.items())}
-
-
-def mixture_composition(mixture: MixtureDataset, weights: dict[str, float],
-                        names: dict[str, str] | None = None) -> dict[str, dict[str, Any]]:
-    """Per source: weight, rows, tokens, available rows, passes over it (> 1: rows repeat; reported, not hidden).
-    `names`: source -> its name in the mixture (default: the same)."""
-    names = names or {source: source for source in weights}
-    index = {name: i for i, name in enumerate(mixture.names)}
-    result = {}
-    for source, weight in weights.items():
-        i = index[names[source]]
-        rows = int((mixture.source_index == i).sum())
-        result[source] = {"weight": weight, "rows": rows, "tokens": rows * mixture.seq_len,
-                          "available_rows": len(mixture.sources[i]), "passes": mixture.passes[names[source]]}
-    return result
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Loss: chunked cross-entropy for long rows
-
-
-def chunked_causal_lm_loss(
-    hidden_states: torch.Tensor,
-    lm_head_weight: torch.Tensor,
-    logits_multiplier: torch.Tensor | float,
-    labels: torch.Tensor,
-    z_loss: float,
-    chunk_size: int,
-    num_items_in_batch: torch.Tensor | int | None = None,
-) -> torch.Tensor:
-    """The yulanmini loss (mean CE + z_loss * logsumexp^2, yulan_reference.md 1.3.5) computed `chunk_size` tokens at a
-    time: logits = (h * multiplier) @ W^T of one chunk exist only inside a checkpointed function, so the forward keeps
-    no [tokens, vocab] tensor and backward recomputes one chunk at a time. Equal to the model's own loss."""
-    shift_labels = torch.nn.functional.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:].reshape(-1)
-    hidden = hidden_states.reshape(-1, hidden_states.shape[-1])
-    if num_items_in_batch is None:
-        num_items_in_batch = (shift_labels != IGNORE_INDEX).sum()
-
-    def chunk_loss_sum(h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        logits = torch.nn.functional.linear(h * logits_multiplier, lm_head_weight)
-        # num_items_in_batch=1 turns the model's loss function into a sum over the chunk's predicted tokens
-        return causal_lm_loss_with_z_loss(logits, None, z_loss, num_items_in_batch=1, shift_labels=targets)
-
-    total = hidden.new_zeros((), dtype=torch.float32)
-    for start in range(0, hidden.shape[0], chunk_size):
-        targets = shift_labels[start:start + chunk_size]
-        if bool((targets != IGNORE_INDEX).any()):
-            total = total + checkpoint(chunk_loss_sum, hidden[start:start + chunk_size], targets, use_reentrant=False)
-    if torch.is_tensor(num_items_in_batch):
-        num_items_in_batch = num_items_in_batch.to(total.device)
-    return total / num_items_in_batch
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Trainer
-
-
-class AnnealTrainer(YuLanTrainer):
-    """The pretraining Trainer (muP AdamW from the TrainingArguments' LR / betas / eps / weight decay, WSD schedule,
-    seekable data order) with three changes through its hooks: `create_optimizer` fills the AdamW with the
-    checkpoint's moments and step; `create_scheduler` continues the checkpoint's step count; `compute_loss`
-    optionally chunks the cross-entropy."""
-
-    def __init__(self, *args: Any, optimizer_checkpoint: CheckpointOptimizerState | None,
-                 loss_chunk_size: int | None = None, strict_optimizer_state: bool = True, **kwargs: Any) -> None:
-        self.optimizer_checkpoint = optimizer_checkpoint
-        self.loss_chunk_size = loss_chunk_size
-        self.strict_optimizer_state = strict_optimizer_state
-        self.optimizer_report: OptimizerStateReport | None = None
-        self._final_hidden: dict[str, torch.Tensor] = {}
-        if loss_chunk_size is not None:
-            kwargs["compute_loss_func"] = self._chunked_loss
-        super().__init__(*args, **kwargs)
-        if self.is_deepspeed_enabled or self.is_fsdp_enabled:
-            raise NotImplementedError(
-                "annealing loads AdamW moments into a torch optimizer; DeepSpeed ZeRO and FSDP rebuild or re-shard "
-                "the optimizer state after create_optimizer, which would drop them. Run single-process or DDP "
-                "(accelerate launch --multi_gpu)."
-            )
-
-    def create_optimizer(self, model: torch.nn.Module | None = None) -> torch.optim.Optimizer:
-        if self.optimizer is None:
-            model = self.model if model is None else model
-            super().create_optimizer(model)
-            if self.optimizer_checkpoint is not None:
-                saved = self.optimizer_checkpoint
-                source_names = None if saved.named else hf_default_param_groups(self, model)
-                self.optimizer_report = load_optimizer_state(saved, model, self.optimizer,
-                                                             source_param_names=source_names,
-                                                             strict=self.strict_optimizer_state)
-                logger.info(self.optimizer_report.summary())
-        return self.optimizer
-
-    def create_scheduler(self, num_training_steps: int, optimizer: torch.optim.Optimizer | None = None):
-        if self.lr_scheduler is None:
-            # The counter continues the checkpoint's global step S: the first optimizer step of the anneal is step S
-            # and gets the schedule's value at S (the start LR), as the reference's LambdaLR over the global step.
-            self.lr_scheduler = create_wsd_scheduler(optimizer or self.optimizer, self.schedule,
-                                                     last_step=self.schedule.start_step - 1)
-        return self.lr_scheduler
-
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        if self.loss_chunk_size is None:
-            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        # The model computes logits for one position only; the loss comes from the final hidden states, captured by
-        # a forward hook on the decoder and passed to compute_loss_func (self._chunked_loss) by Trainer.compute_loss.
-        decoder = self.accelerator.unwrap_model(model).model
-        handle = decoder.register_forward_hook(
-            lambda module, args, output: self._final_hidden.__setitem__("hidden", output.last_hidden_state))
-        try:
-            return super().compute_loss(model, {**inputs, "logits_to_keep": 1}, return_outputs, num_items_in_batch)
-        finally:
-            handle.remove()
-            self._final_hidden.clear()
-
-    def _chunked_loss(self, outputs: Any, labels: torch.Tensor, num_items_in_batch: Any = None) -> torch.Tensor:
-        model: YuLanMiniForCausalLM = self.accelerator.unwrap_model(self.model)
-        return chunked_causal_lm_loss(
-            self._final_hidden["hidden"], model.lm_head.weight, model.config.logits_scale * model.lm_head_alpha,
-            labels, model.config.z_loss, self.loss_chunk_size, num_items_in_batch)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -470,7 +155,8 @@ class AnnealRecipe:
             raise ValueError("AnnealConfig.data is required: the mix to anneal on, e.g. {'domain.jsonl': 0.3, "
                              "'replay.jsonl': 0.7}")
         self.config = config
-        self.source = source or resolve_source(config.model_name_or_path, config.optimizer_state)
+        self.source = source or resolve_source(resolve_tiny(config.model_name_or_path, "pre_annealing"),
+                                               config.optimizer_state)
         self.tokenizer = load_tokenizer(self.source.model_dir)
         if optimizer_checkpoint is None and self.source.optimizer_dir is not None:
             optimizer_checkpoint = read_optimizer_checkpoint(self.source.optimizer_dir)
@@ -546,20 +232,23 @@ class AnnealRecipe:
     @property
     def schedule(self) -> WSDSchedule:
         return WSDSchedule(warmup_steps=0, stable_steps=0, decay_steps=self.decay_steps, decay_shape=self.config.decay,
-                           start_step=self.start_step, end_factor=self.config.end_lr_ratio)
+                           start_step=self.start_step, end_lr_factor=self.config.end_lr_factor)
 
-    def apply_optimizer_settings(self) -> None:
-        """Put the anneal's AdamW settings into the TrainingArguments the Trainer builds its optimizer from: the LR
-        of the full-rate group (muP groups scale it), and the checkpoint's betas, eps and weight decay (taken from its
-        full-rate group; YuLan-Mini: (0.9, 0.95), 1e-15, 0.1) unless hyperparameters_from_checkpoint is off."""
-        c, saved = self.config, self.optimizer_checkpoint
-        c.learning_rate = self.peak_lr
-        if c.hyperparameters_from_checkpoint and saved is not None:
+    def training_args(self) -> AnnealConfig:
+        """A copy of the config with what the Trainer builds its optimizer and stops from: the token budget's steps,
+        the LR of the full-rate group (muP groups scale it), and the checkpoint's betas, eps and weight decay (taken
+        from its full-rate group; YuLan-Mini: (0.9, 0.95), 1e-15, 0.1) unless hyperparameters_from_checkpoint is off.
+        The config itself is not changed (a branch copies what the user gave)."""
+        args, saved = copy.copy(self.config), self.optimizer_checkpoint
+        args.max_steps = self.decay_steps  # the budget, not epochs, ends the run
+        args.learning_rate = self.peak_lr
+        if args.hyperparameters_from_checkpoint and saved is not None:
             group = max(saved.param_groups, key=lambda g: float(g["lr"]) / float(g.get("lr_scale", 1.0)))
             if "betas" in group:
-                c.adam_beta1, c.adam_beta2 = (float(beta) for beta in group["betas"])
-            c.adam_epsilon = float(group.get("eps", c.adam_epsilon))
-            c.weight_decay = float(group.get("weight_decay", c.weight_decay))
+                args.adam_beta1, args.adam_beta2 = (float(beta) for beta in group["betas"])
+            args.adam_epsilon = float(group.get("eps", args.adam_epsilon))
+            args.weight_decay = float(group.get("weight_decay", args.weight_decay))
+        return args
 
     def load_model(self) -> YuLanMiniForCausalLM:
         """The checkpoint's yulanmini model, with the RoPE base and positions switched for long context (ABF)."""
@@ -573,7 +262,7 @@ class AnnealRecipe:
                 "anneal (optimizer_state='none')."
             )
         if c.rope_theta is not None:
-            # transformers 5 reads RoPE settings from config.rope_parameters (stack_notes.md: assigning rope_theta
+            # transformers 5 reads RoPE settings from config.rope_parameters (docs/stack_notes.md: assigning rope_theta
             # after construction is ignored), so the dict itself is replaced before the model is built.
             model_config.rope_parameters = {**(model_config.rope_parameters or {"rope_type": "default"}),
                                             "rope_theta": float(c.rope_theta)}
@@ -607,7 +296,7 @@ class AnnealRecipe:
         sources = {names[source]: pack_source(source, self.source.model_dir, c.seq_len, text_field=c.text_field,
                                               cache_root=root) for source in c.data}
         num_rows = self.decay_steps * c.per_device_train_batch_size * c.gradient_accumulation_steps * self.world_size
-        rows = mix_rows({names[source]: weight for source, weight in c.data.items()}, num_rows)
+        rows = largest_remainder(num_rows, {names[source]: weight for source, weight in c.data.items()})
         mixture = MixtureDataset(sources, rows, seed=c.seed, shuffle_seed=c.seed)
         self.composition = mixture_composition(mixture, c.data, names)
         for name, part in self.composition.items():
@@ -620,11 +309,9 @@ class AnnealRecipe:
         c = self.config
         self.dataset = self.build_dataset()
         self.model = self.load_model()
-        c.max_steps = self.decay_steps  # the budget, not epochs, ends the run
-        self.apply_optimizer_settings()
         self.trainer = AnnealTrainer(
             model=self.model,
-            args=c,
+            args=self.training_args(),
             train_dataset=self.dataset,
             data_collator=default_data_collator,  # input_ids, labels, position_ids; no attention_mask (packed rows)
             processing_class=self.tokenizer,
@@ -633,7 +320,7 @@ class AnnealRecipe:
             loss_chunk_size=c.loss_chunk_size,
             strict_optimizer_state=c.strict_optimizer_state,
         )
-        return self.trainer
+        return use_console_progress(self.trainer, TrainingProgress("anneal"))
 
     # ---------------------------------------------------------------------------------------------- run / export
 
@@ -652,7 +339,7 @@ class AnnealRecipe:
             "requested_tokens": c.token_budget,
             "decay": c.decay,
             "peak_lr": self.peak_lr,
-            "end_lr_ratio": c.end_lr_ratio,
+            "end_lr_factor": c.end_lr_factor,
             "checkpoint_group_lrs": saved.group_lrs if saved else None,
             "seq_len": c.seq_len,
             "rope_theta": c.rope_theta,
@@ -676,7 +363,7 @@ class AnnealRecipe:
                                           "format": report.format}
         if trainer.is_world_process_zero():
             self.tokenizer.save_pretrained(str(out))
-            (out / "yulan_tune_metrics.json").write_text(json.dumps(metrics, indent=2))
+            write_metrics(out, metrics)
             if report is not None:
                 (out / "optimizer_state_report.txt").write_text(report.summary() + "\n")
             if self.config.export_dir:
@@ -686,8 +373,6 @@ class AnnealRecipe:
     def export_llama(self, out_dir: str | os.PathLike) -> Path:
         """The annealed model in the released plain-Llama form (untied head, RoPE base and max positions of the
         anneal), with tokenizer and chat template; loadable with AutoModelForCausalLM."""
-        from yulan_tune.modeling.convert import to_llama
-
         model = self.trainer.model if self.trainer is not None else self.model
         if model is None:  # a finished run in another process: read what it saved
             model = YuLanMiniForCausalLM.from_pretrained(self.config.output_dir)
@@ -702,73 +387,9 @@ class AnnealRecipe:
         return out
 
 
-# --------------------------------------------------------------------------------------------------------------------
-# The tiny pre-annealing checkpoint (the embedded default)
-
-
-TINY_PRE_ANNEALING_VERSION = "1"
-TINY_STABLE_STEPS = 60
-TINY_STABLE_LR = 1e-2  # YuLan-Mini's stable-phase peak (yulan_reference.md 3.1); hidden matrices at 1e-2 / m_width
-TINY_ROPE_THETA = 10000.0  # the 4K stage's base (1.1), so that the anneal's ABF switch to 490000 is a real switch
-
-
-def tiny_pre_annealing(out_dir: str | os.PathLike | None = None, *, tokenizer_dir: str | os.PathLike | None = None,
-                       corpus: str = "bundled:corpus", steps: int = TINY_STABLE_STEPS, lr: float = TINY_STABLE_LR,
-                       seq_len: int = 256, batch_size: int = 8, seed: int = 0, force: bool = False,
-                       **model_config: Any) -> Path:
-    """A tiny stable-phase checkpoint to anneal from, built on first use by our own pretraining recipe
-    (`PretrainRecipe`: a yulanmini of the tiny YuLan's shape from a muP init, muP AdamW, z-loss, a short warmup and
-    then a constant LR, no decay) on `corpus`; returns its last `checkpoint-N` (weights, optimizer state, tokenizer).
-    Cached under $YULAN_TUNE_HOME unless `out_dir`. `tokenizer_dir`: the tiny tokenizer (default: trained here);
-    `model_config`: overrides of the tiny shape (tests use a narrower model)."""
-    from yulan_tune.modeling.tiny import TINY_SHAPE, build_tiny_tokenizer
-    from yulan_tune.pretrain import PretrainConfig, PretrainRecipe
-
-    root = Path(out_dir) if out_dir is not None else cache_home() / f"tiny-pre-annealing-v{TINY_PRE_ANNEALING_VERSION}"
-    run_dir = root / "run"
-    checkpoint_dir = run_dir / f"checkpoint-{steps}"
-    if latest_complete_checkpoint(run_dir) == checkpoint_dir and not force:
-        return checkpoint_dir
-    if force:
-        shutil.rmtree(run_dir, ignore_errors=True)
-    root.mkdir(parents=True, exist_ok=True)
-    if tokenizer_dir is None:
-        tokenizer_dir = root / "tokenizer"
-        if not (tokenizer_dir / "tokenizer.json").is_file():
-            build_tiny_tokenizer(tokenizer_dir)
-    packed = pack_source(corpus, Path(tokenizer_dir), seq_len, cache_root=root / "packed")
-    curriculum = root / "curriculum.yaml"  # one stable phase of exactly `steps` steps; JSON is valid YAML
-    curriculum.write_text(json.dumps({"seq_len": seq_len, "datasets": {"stable": str(packed.path)},
-                                      "phases": [{"name": "stable", "tokens": {"stable": steps * batch_size * seq_len}}]}))
-    shape = {key: TINY_SHAPE[key] for key in ("hidden_size", "num_hidden_layers", "num_attention_heads",
-                                              "num_key_value_heads", "head_dim", "intermediate_size")}
-    config = PretrainConfig(
-        output_dir=str(run_dir), curriculum=str(curriculum), tokenizer=str(tokenizer_dir), seq_len=seq_len, seed=seed,
-        model_config={**shape, "rope_parameters": {"rope_type": "default", "rope_theta": TINY_ROPE_THETA},
-                      "max_position_embeddings": 4096, **model_config},
-        per_device_train_batch_size=batch_size, learning_rate=lr, warmup_steps=max(steps // 6, 1), decay_steps=0,
-        save_steps=steps, keep_last_checkpoints=1, monitor_every_steps=0, logging_steps=max(steps // 6, 1),
-        report_to="none", export_llama=False, use_cpu=not torch.cuda.is_available(), disable_tqdm=True,
-    )
-    PretrainRecipe(config).run()
-    return checkpoint_dir
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Command line
-
-
 def parse_config(argv: list[str] | None = None) -> AnnealConfig:
     """`--config file.yaml` plus any `--field value` overrides, through trl's parser (as the other recipes)."""
     import trl
 
     (config,) = trl.TrlParser((AnnealConfig,)).parse_args_and_config(argv)
     return config
-
-
-def anneal_main(argv: list[str] | None = None) -> int:
-    """`yulan-tune anneal --config recipes/configs/anneal_tiny.yaml [--field value ...]`."""
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    metrics = AnnealRecipe(parse_config(argv)).run()
-    print("anneal: " + json.dumps(metrics))
-    return 0

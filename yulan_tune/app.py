@@ -2,7 +2,7 @@
 
 The app renders prompts with the same code that builds training data (`yulan_tune.data.chat.generation_prompt_ids`)
 and stops at the same end-of-turn ids (`end_of_turn_ids`), so the model sees token for token the format SFT/DPO
-trained it on (yulan_reference.md section 6: `apply_chat_template(..., add_generation_prompt=True)`, BOS once).
+trained it on (docs/yulan_reference.md section 6: `apply_chat_template(..., add_generation_prompt=True)`, BOS once).
 
 Serving is safe by default: bound to 127.0.0.1 unless `--host` says otherwise, optional password, a per-message token
 limit, a bounded queue with a concurrency limit, and a wall-clock generation timeout. Conversation history lives in
@@ -128,7 +128,7 @@ class ChatModel:
             stop_ids=end_of_turn_ids(tokenizer),
         )
         # One token before serving: the first eval forward of a bitsandbytes 4-bit model on CPU repacks its weights in
-        # place (stack_notes.md), which must not race between concurrent requests; it also takes lazy init off the
+        # place (docs/stack_notes.md), which must not race between concurrent requests; it also takes lazy init off the
         # first user's latency.
         for _ in stream_replies([chat_model], [[{"role": "user", "content": "Hi"}]], GenerationSettings(0, 1, 1)):
             pass

@@ -15,14 +15,13 @@ the trainers pre-tokenized (each trainer subclass below only routes such rows pa
 LoRA (`use_peft`) uses the adapter-disabled policy as the reference: one copy of the base weights. Full DPO either
 holds a frozen reference copy or, with `precompute_ref_log_probs`, scores the data once and drops it.
 
-Defaults for the real model follow the YuLan-Mini-Instruct DPO stage (yulan_reference.md section 6: beta 0.1,
+Defaults for the real model follow the YuLan-Mini-Instruct DPO stage (docs/yulan_reference.md section 6: beta 0.1,
 lr 5e-7, 2 epochs, batch 128); see recipes/configs/dpo_yulan_mini_instruct_*.yaml.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import random
 import time
@@ -34,9 +33,11 @@ import torch
 import trl
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from yulan_tune.data.formats import SkipReport
+from yulan_tune.console import write_metrics
+from yulan_tune.conventions import IGNORE_INDEX
+from yulan_tune.data.bundled import MATH_PREFERENCES, check_bundled, is_bundled
+from yulan_tune.data.math_problems import generate_problems
 from yulan_tune.data.preferences import (
-    BUNDLED_PREFERENCES,
     PreferenceExample,
     TokenizedPreferences,
     UnpairedExample,
@@ -45,9 +46,14 @@ from yulan_tune.data.preferences import (
     tokenize_preferences,
     unpair,
 )
-from yulan_tune.loading import load_model, load_tokenizer
-from yulan_tune.paths import RECIPES_DIR
-from yulan_tune.sft import TINY_MODEL, LoraGradientGuard, ModelAndAdapterFields, lora_config, resolve_model_path
+from yulan_tune.data.records import SkipReport
+from yulan_tune.evaluation.exact_match import math_accuracy
+from yulan_tune.evaluation.preferences import pair_logps, preference_metrics
+from yulan_tune.export import write_adapter_info
+from yulan_tune.loading import load_model, load_tokenizer, quantization_name
+from yulan_tune.tiny import resolve_tiny
+from yulan_tune.training.callbacks import LoraGradientGuard, TrainingProgress, use_console_progress
+from yulan_tune.training.post_training import PostTrainingModelConfig
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +62,6 @@ DPO_LOSSES = frozenset({"sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robu
                         "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm"})
 REFERENCE_FREE_LOSSES = frozenset({"simpo", "orpo"})  # one trainer each, not combinable
 UNPAIRED_LOSSES = frozenset({"kto", "apo_zero_unpaired"})  # trl KTOTrainer
-QUICKSTART_DPO_CONFIG = RECIPES_DIR / "configs" / "dpo_tiny.yaml"
 
 
 def preference_method(loss_type: list[str]) -> str:
@@ -75,17 +80,19 @@ def preference_method(loss_type: list[str]) -> str:
 
 
 @dataclass
-class DPOConfig(trl.DPOConfig, ModelAndAdapterFields):
-    """trl.DPOConfig plus what a recipe needs; every field can be set in YAML or overridden on the command line."""
+class DPOConfig(trl.DPOConfig, PostTrainingModelConfig):
+    """trl.DPOConfig plus trl.ModelConfig and what a recipe needs; every field can be set in YAML or overridden on
+    the command line."""
 
-    model_name_or_path: str = field(default=TINY_MODEL, metadata={"help": "the SFT model: hub id, local dir, 'tiny'"})
+    model_name_or_path: str = field(default="tiny", metadata={"help": "the SFT model: hub id, local dir, 'tiny'"})
     dataset: str = field(
-        default=BUNDLED_PREFERENCES, metadata={"help": "file, dir, datasets dir, hub name or 'bundled:math_preferences'"}
+        default=MATH_PREFERENCES, metadata={"help": f"file, dir, datasets dir, hub name or '{MATH_PREFERENCES}'"}
     )
     dataset_split: str = field(default="train", metadata={"help": "split to read from dataset dirs / hub datasets"})
     eval_dataset: str | None = field(
-        default=BUNDLED_PREFERENCES,
-        metadata={"help": "held-out pairs scored before and after training ('bundled:...' = its held-out problems)"},
+        default=MATH_PREFERENCES,
+        metadata={"help": f"held-out pairs scored before and after training ('{MATH_PREFERENCES}': its held-out "
+                          "problems)"},
     )
     eval_dataset_split: str = field(default="test", metadata={"help": "split of eval_dataset for dirs / hub"})
     num_bundled_pairs: int = field(default=1000, metadata={"help": "training pairs generated for bundled data"})
@@ -100,17 +107,20 @@ class DPOConfig(trl.DPOConfig, ModelAndAdapterFields):
     eval_math_problems: int = field(
         default=0, metadata={"help": "if > 0, held-out math exact-match before and after training on this many"}
     )
+    # trl defaults the deprecated alias `gradient_checkpointing` to True, which makes transformers warn on every
+    # config; resolve_model_fields gives the same default under the current name
+    gradient_checkpointing: bool | None = None
+    activation_checkpointing: bool | None = None
 
     def __post_init__(self):
         # trl defaults bf16 to True; on a CPU-only machine fp32 is both faster and exact, so default it off there.
-        if self.bf16 is None and not torch.cuda.is_available():
-            self.bf16 = False
-        if self.on_bad_rows not in ("raise", "skip"):
-            raise ValueError(f"on_bad_rows must be 'raise' or 'skip', got {self.on_bad_rows!r}")
+        if not torch.cuda.is_available():
+            if self.bf16 is None:
+                self.bf16 = False
+            self.dataloader_pin_memory = False  # nothing to pin for; torch warns on every dataloader otherwise
         if self.overlong not in ("drop", "truncate"):
             raise ValueError(f"overlong must be 'drop' or 'truncate', got {self.overlong!r}")
-        if self.quantization is not None and not self.use_peft:
-            raise ValueError("quantization requires use_peft: true (a 4/8-bit base is trained through LoRA adapters)")
+        self.resolve_model_fields()
         super().__post_init__()
         self.method = preference_method(self.loss_type)
         if self.method in ("simpo", "orpo") and self.precompute_ref_log_probs:
@@ -157,14 +167,14 @@ class YuLanKTOTrainer(trl.KTOTrainer):
 
 
 def _concatenated_row(feature: dict) -> dict:
-    """The row layout of trl's CPO / ORPO trainers (prompt_*, chosen_*, rejected_* with -100-masked labels)."""
+    """The row layout of trl's CPO / ORPO trainers (prompt_*, chosen_*, rejected_* with IGNORE_INDEX on the prompt)."""
     prompt = list(feature["prompt_ids"])
     row = {"prompt_input_ids": prompt, "prompt_attention_mask": [1] * len(prompt)}
     for name in ("chosen", "rejected"):
         response = list(feature[f"{name}_ids"])
         row[f"{name}_input_ids"] = prompt + response
         row[f"{name}_attention_mask"] = [1] * (len(prompt) + len(response))
-        row[f"{name}_labels"] = [-100] * len(prompt) + response
+        row[f"{name}_labels"] = [IGNORE_INDEX] * len(prompt) + response
     return row
 
 
@@ -200,73 +210,6 @@ def derived_config(config: DPOConfig, config_class: type, **overrides: Any) -> A
     return config_class(**values)
 
 
-# ----------------------------------------------------------------------------------------------------- evaluation
-
-
-@torch.no_grad()
-def completion_logps(
-    model: PreTrainedModel,
-    prompt_ids: list[list[int]],
-    completion_ids: list[list[int]],
-    *,
-    pad_token_id: int,
-    batch_size: int = 32,
-    average: bool = False,
-) -> torch.Tensor:
-    """Sum (or mean, `average=True`) of log p(completion token | everything before it), one value per row.
-
-    Runs the model in whatever train/eval mode it is in (a 4-bit model on CPU must not see an eval-mode forward
-    before training: stack_notes.md, bitsandbytes trap 1).
-    """
-    device = next(model.parameters()).device
-    values = []
-    for start in range(0, len(prompt_ids), batch_size):
-        rows = [p + c for p, c in zip(prompt_ids[start:start + batch_size], completion_ids[start:start + batch_size])]
-        width = max(map(len, rows))
-        input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        completion = torch.zeros((len(rows), width), dtype=torch.bool)
-        for i, (row, prompt) in enumerate(zip(rows, prompt_ids[start:start + batch_size])):
-            input_ids[i, : len(row)] = torch.tensor(row)
-            mask[i, : len(row)] = 1
-            completion[i, len(prompt): len(row)] = True
-        logits = model(input_ids=input_ids.to(device), attention_mask=mask.to(device), use_cache=False).logits
-        log_probs = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-        token_logps = log_probs.gather(-1, input_ids[:, 1:].to(device).unsqueeze(-1)).squeeze(-1)
-        scored = completion[:, 1:].to(device)
-        sums = (token_logps * scored).sum(-1)
-        values.append((sums / scored.sum(-1).clamp(min=1)) if average else sums)
-    return torch.cat(values).cpu()
-
-
-def pair_logps(model: PreTrainedModel, pairs: TokenizedPreferences, pad_token_id: int) -> tuple[torch.Tensor,
-                                                                                               torch.Tensor]:
-    prompts = pairs.columns["prompt_ids"]
-    return (completion_logps(model, prompts, pairs.columns["chosen_ids"], pad_token_id=pad_token_id),
-            completion_logps(model, prompts, pairs.columns["rejected_ids"], pad_token_id=pad_token_id))
-
-
-def preference_metrics(
-    policy: tuple[torch.Tensor, torch.Tensor], reference: tuple[torch.Tensor, torch.Tensor]
-) -> dict[str, float]:
-    """Held-out preference metrics from summed response log-probs (chosen, rejected) of the policy and reference.
-
-    reward_accuracy: share of pairs whose DPO implicit reward, beta * log(pi / pi_ref) (Rafailov et al. 2023, eq. 5),
-    is higher for chosen than for rejected; beta > 0 only scales it. Ties count 1/2, so the reference model itself
-    scores exactly 0.5. logratio_margin: the mean of log(pi / pi_ref)(chosen) - log(pi / pi_ref)(rejected), in nats.
-    logp_accuracy: share of pairs where the policy alone gives chosen the higher log-probability.
-    """
-    (chosen, rejected), (ref_chosen, ref_rejected) = policy, reference
-    margins = (chosen - ref_chosen) - (rejected - ref_rejected)
-    return {
-        "reward_accuracy": ((margins > 0).float() + 0.5 * (margins == 0).float()).mean().item(),
-        "logratio_margin": margins.mean().item(),
-        "logp_accuracy": ((chosen > rejected).float() + 0.5 * (chosen == rejected).float()).mean().item(),
-        "chosen_logp": chosen.mean().item(),
-        "rejected_logp": rejected.mean().item(),
-    }
-
-
 def _is_quantized(model: PreTrainedModel) -> bool:
     return bool(getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False))
 
@@ -279,7 +222,7 @@ class DPORecipe:
 
     def __init__(self, config: DPOConfig):
         self.config = config
-        self.model_path = resolve_model_path(config.model_name_or_path)
+        self.model_path = resolve_tiny(config.model_name_or_path, "model")
         self.tokenizer: PreTrainedTokenizerBase = load_tokenizer(self.model_path, chat_template=config.chat_template)
         self.method = config.method
         self.trainer: Any = None
@@ -289,9 +232,10 @@ class DPORecipe:
 
     # data -------------------------------------------------------------------------------------------------------
     def _examples(self, source: str, split: str, bundled_split: str, n_bundled: int) -> tuple[list, SkipReport]:
-        if source == BUNDLED_PREFERENCES:
+        if is_bundled(source):
+            check_bundled(source, (MATH_PREFERENCES,), "preference training")
             return math_preference_pairs(n_bundled, self.config.seed, bundled_split), SkipReport()
-        return load_preference_examples(source, on_error=self.config.on_bad_rows, split=split)
+        return load_preference_examples(source, on_bad_rows=self.config.on_bad_rows, split=split)
 
     def prepare_data(self) -> None:
         c = self.config
@@ -306,7 +250,7 @@ class DPORecipe:
                              f"loss_type {c.loss_type} trains on chosen/rejected pairs")
         self.train_data = tokenize_preferences(examples, self.tokenizer, max_length=c.max_length,
                                                overlong=c.overlong, report=report)
-        logger.info("%s: %d rows kept; %s", c.dataset, len(self.train_data), report.summary())
+        logger.debug("%s: %d rows kept; %s", c.dataset, len(self.train_data), report.summary())
         if not len(self.train_data):
             raise ValueError(f"{c.dataset}: no usable rows. {report.summary()}")
         if c.eval_dataset:
@@ -317,12 +261,12 @@ class DPORecipe:
                                len(held) - len(pairs))
             self.heldout = tokenize_preferences(pairs, self.tokenizer, max_length=c.max_length, overlong=c.overlong,
                                                 report=held_report)
-            logger.info("%s: %d held-out pairs; %s", c.eval_dataset, len(self.heldout), held_report.summary())
+            logger.debug("%s: %d held-out pairs; %s", c.eval_dataset, len(self.heldout), held_report.summary())
 
     # model + trainer ----------------------------------------------------------------------------------------------
     def _load(self) -> PreTrainedModel:
         c = self.config
-        model = load_model(self.model_path, quantization=c.quantization, dtype=c.dtype,
+        model = load_model(self.model_path, quantization=quantization_name(c), dtype=c.dtype,
                            attn_implementation=c.attn_implementation)
         if _is_quantized(model) and not torch.cuda.is_available():
             model.train()  # bitsandbytes repacks 4-bit weights on an eval-mode no-grad CPU forward (trap 1)
@@ -338,7 +282,7 @@ class DPORecipe:
         if self.heldout is not None and len(self.heldout):
             # the policy before training is the reference of every method (LoRA B starts at zero)
             self.reference_heldout = pair_logps(model, self.heldout, self.tokenizer.pad_token_id)
-        peft_config = lora_config(c) if c.use_peft else None
+        peft_config = trl.get_peft_config(c)
         callbacks = [LoraGradientGuard()] if c.use_peft else None
         train_dataset = self.train_data.to_dataset()
         # held-out pairs are scored by this recipe before and after training; trl's eval loop sees them only when
@@ -348,7 +292,7 @@ class DPORecipe:
         if self.method in ("dpo", "kto") and _is_quantized(model):
             from peft import prepare_model_for_kbit_training
 
-            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=c.gradient_checkpointing)
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=c.activation_checkpointing)
         # full training keeps a frozen reference copy unless its log-probs are precomputed; LoRA disables adapters
         needs_reference = self.method in ("dpo", "kto") and not c.use_peft and not c.precompute_ref_log_probs
         ref_model = self._load().eval() if needs_reference else None
@@ -374,13 +318,10 @@ class DPORecipe:
             from trl.experimental.orpo import ORPOConfig
 
             self.trainer = _orpo_trainer_class()(model=model, args=derived_config(c, ORPOConfig), **common)
-        return self.trainer
+        return use_console_progress(self.trainer, TrainingProgress(self.method))
 
     # evaluation -----------------------------------------------------------------------------------------------------
     def math_accuracy(self, model: PreTrainedModel) -> float:
-        from yulan_tune.data.math_problems import generate_problems
-        from yulan_tune.eval import math_accuracy
-
         problems = generate_problems(self.config.eval_math_problems, self.config.seed, split="test")
         return math_accuracy(model, self.tokenizer, problems)
 
@@ -405,6 +346,8 @@ class DPORecipe:
         trainer.save_model(str(out))  # full model, or only the adapter for LoRA / QLoRA
         if trainer.is_world_process_zero():
             self.tokenizer.save_pretrained(str(out))
+            if c.use_peft:
+                write_adapter_info(out, self.model_path, quantization_name(c))
             if self.heldout is not None:
                 metrics["heldout_pairs"] = len(self.heldout)
                 metrics["heldout_skipped"] = dict(self.heldout.report.counts)
@@ -412,7 +355,7 @@ class DPORecipe:
                 metrics["heldout_after"] = self.evaluate_heldout(trainer.model)
             if c.eval_math_problems:
                 metrics["math_accuracy_after"] = self.math_accuracy(trainer.model)
-            (out / "yulan_tune_metrics.json").write_text(json.dumps(metrics, indent=2))
+            write_metrics(out, metrics)
         return metrics
 
 
@@ -420,18 +363,3 @@ def parse_config(argv: list[str] | None = None) -> DPOConfig:
     """`--config file.yaml` plus any `--field value` overrides, through trl's own parser."""
     (config,) = trl.TrlParser((DPOConfig,)).parse_args_and_config(argv)
     return config
-
-
-def dpo_main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    metrics = DPORecipe(parse_config(argv)).run()
-    print("dpo: " + json.dumps(metrics))
-    return 0
-
-
-def run_dpo_quickstart(sft_model_dir: str | Path, out_dir: str | Path, *, extra_args: list[str] | None = None
-                       ) -> dict[str, Any]:
-    """DPO on the quickstart's SFT model with recipes/configs/dpo_tiny.yaml; returns the measured metrics."""
-    config = parse_config(["--config", str(QUICKSTART_DPO_CONFIG), "--model_name_or_path", str(sft_model_dir),
-                           "--output_dir", str(out_dir), "--disable_tqdm", "true", *(extra_args or [])])
-    return DPORecipe(config).run()

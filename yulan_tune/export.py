@@ -8,11 +8,12 @@ merges into the original bf16 weights instead.
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
 import torch
+
+from yulan_tune.loading import load_model, load_tokenizer
 
 ADAPTER_INFO = "yulan_tune_adapter.json"  # written next to an adapter by the recipes: base and its quantization
 
@@ -37,8 +38,6 @@ def merge_adapter(
     """Write base + adapter, merged, in `dtype` (bf16 by default) with the adapter's tokenizer. Returns `out_dir`."""
     from peft import PeftConfig, PeftModel
 
-    from yulan_tune.loading import load_model, load_tokenizer
-
     info = read_adapter_info(adapter_dir)
     base = base or info.get("base") or PeftConfig.from_pretrained(str(adapter_dir)).base_model_name_or_path
     trained_on = info.get("quantization")
@@ -56,19 +55,3 @@ def merge_adapter(
         str(out)
     )
     return out
-
-
-def merge_main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="yulan-tune merge", description=__doc__)
-    parser.add_argument("--adapter", required=True, help="LoRA adapter dir (an SFT/DPO output with use_peft)")
-    parser.add_argument("--out", required=True, help="output dir for the merged model")
-    parser.add_argument("--base", default=None, help="base model (default: the one the adapter records)")
-    group = parser.add_mutually_exclusive_group()
-    group.add_argument("--dequantize", dest="dequantize", action="store_true", default=None,
-                       help="merge into the dequantized 4-bit base (default for QLoRA adapters)")
-    group.add_argument("--no-dequantize", dest="dequantize", action="store_false",
-                       help="merge into the original bf16 base weights")
-    args = parser.parse_args(argv)
-    out = merge_adapter(args.adapter, args.out, base=args.base, dequantize=args.dequantize)
-    print(f"merge: wrote {out}")
-    return 0

@@ -14,12 +14,12 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from yulan_tune.paths import CHAT_TEMPLATE_DIR
+from yulan_tune.conventions import YULAN_PAD_TOKEN
+from yulan_tune.data.chat import end_of_turn_ids
+from yulan_tune.paths import CHAT_TEMPLATE_DIR, DEFAULT_CHAT_TEMPLATE
 
-DEFAULT_CHAT_TEMPLATE = CHAT_TEMPLATE_DIR / "yulan_mini_instruct.jinja"
+# The YuLan-Mini README's example system prompt (docs/yulan_reference.md section 6)
 YULAN_SYSTEM_PROMPT = "You are YuLan-Mini, created by RUC AI Box. You are a helpful assistant."
-# YuLan-Mini's pad token and id (yulan_reference.md section 6)
-YULAN_PAD_TOKEN = "<pad>"
 
 
 class ModelNotFoundError(FileNotFoundError):
@@ -80,8 +80,7 @@ def load_tokenizer(
         tokenizer.chat_template = read_chat_template(chat_template)
     elif not tokenizer.chat_template:
         tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE.read_text(encoding="utf-8")
-    end_ids = {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|eot_id|>")} - {None, tokenizer.unk_token_id}
-    if tokenizer.pad_token_id is None or tokenizer.pad_token_id in end_ids:
+    if tokenizer.pad_token_id is None or tokenizer.pad_token_id in end_of_turn_ids(tokenizer):
         if YULAN_PAD_TOKEN in tokenizer.get_vocab():
             tokenizer.pad_token = YULAN_PAD_TOKEN
         else:  # a non-YuLan tokenizer without a usable pad: add one rather than reuse eos
@@ -89,21 +88,26 @@ def load_tokenizer(
     return tokenizer
 
 
+QUANTIZATIONS = (None, "4bit", "8bit")
+
+
 def quantization_config(quantization: str | None, compute_dtype: torch.dtype) -> Any:
+    """bitsandbytes settings for "4bit" (QLoRA: NF4 with double quantization, Dettmers et al. 2023) or "8bit",
+    built by trl's `get_quantization_config` from its `ModelConfig` fields, as the recipes' configs carry them."""
+    if quantization not in QUANTIZATIONS:
+        raise ValueError(f"quantization must be None, '4bit' or '8bit', got {quantization!r}")
     if quantization is None:
         return None
-    from transformers import BitsAndBytesConfig
+    from trl import ModelConfig, get_quantization_config
 
-    if quantization == "4bit":  # QLoRA: NF4 with double quantization (Dettmers et al. 2023)
-        return BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_compute_dtype=compute_dtype,
-            bnb_4bit_use_double_quant=True,
-        )
-    if quantization == "8bit":
-        return BitsAndBytesConfig(load_in_8bit=True)
-    raise ValueError(f"quantization must be None, '4bit' or '8bit', got {quantization!r}")
+    return get_quantization_config(ModelConfig(
+        load_in_4bit=quantization == "4bit", load_in_8bit=quantization == "8bit", bnb_4bit_quant_type="nf4",
+        use_bnb_nested_quant=True, dtype=compute_dtype))
+
+
+def quantization_name(model_args: Any) -> str | None:
+    """"4bit" / "8bit" / None from trl ModelConfig fields (`load_in_4bit`, `load_in_8bit`)."""
+    return "4bit" if model_args.load_in_4bit else "8bit" if model_args.load_in_8bit else None
 
 
 def default_dtype() -> torch.dtype:

@@ -14,3 +14,5 @@ PRETRAIN_DIR = REPO_ROOT / "pretrain"
 def cache_home() -> Path:
     """`$YULAN_TUNE_HOME`, else `~/.cache/yulan_tune`."""
     return Path(os.environ.get("YULAN_TUNE_HOME") or Path.home() / ".cache" / "yulan_tune")
+# the canonical YuLan-Mini-Instruct chat template (docs/yulan_reference.md section 6)
+DEFAULT_CHAT_TEMPLATE = CHAT_TEMPLATE_DIR / "yulan_mini_instruct.jinja"

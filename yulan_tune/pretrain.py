@@ -1,5 +1,5 @@
 """Pretraining the YuLan way: a yulanmini model from scratch, curriculum phases from data-mix files, muP AdamW,
-a WSD schedule, z-loss, the hidden-state monitor, and exact resume (yulan_reference.md 1-5).
+a WSD schedule, z-loss, the hidden-state monitor, and exact resume (docs/yulan_reference.md 1-5).
 
     from yulan_tune import PretrainConfig, PretrainRecipe
     PretrainRecipe(PretrainConfig(output_dir=..., curriculum=..., tokenizer=..., model_config={...})).run()
@@ -8,7 +8,7 @@ a WSD schedule, z-loss, the hidden-state monitor, and exact resume (yulan_refere
 
 How a run proceeds (`PretrainRecipe.run`):
 1. Plan every curriculum phase: a token budget per dataset -> rows of packed data -> optimizer steps
-   (`yulan_tune.data.mixture.plan_phases`). The WSD schedule spans all phases of the curriculum, in global steps.
+   (`yulan_tune.data.curriculum.plan_phases`). The WSD schedule spans all phases of the curriculum, in global steps.
 2. Find where the output directory stands: incomplete checkpoints (a kill while saving) are removed, the newest
    complete one is the resume point; its completion record holds the curriculum position (phase, first step).
 3. Run each remaining phase as one `YuLanTrainer.train()` on that phase's `MixtureDataset`. A phase resumes from
@@ -27,50 +27,50 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import os
-import shutil
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate import PartialState
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, TrainerCallback, TrainingArguments
 from transformers import default_data_collator, set_seed
 
-from yulan_tune.data.mixture import (
+from yulan_tune.console import write_metrics
+from yulan_tune.data.bundled import prepare_bundled_corpus
+from yulan_tune.data.curriculum import (
     Curriculum,
     CurriculumError,
     PhasePlan,
     load_curriculum,
-    open_phase,
     parse_token_count,
     plan_phases,
     token_budget_to_steps,
 )
-from yulan_tune.data.packing import PackedDataset, prepare_packed_dataset
+from yulan_tune.data.mixture import open_phase
+from yulan_tune.data.packed import PackedDataset
+from yulan_tune.modeling.convert import to_llama
 from yulan_tune.modeling.yulanmini import YuLanMiniConfig, YuLanMiniForCausalLM
-from yulan_tune.paths import PRETRAIN_DIR
-from yulan_tune.training.monitor import HiddenStateMonitor
-from yulan_tune.training.mup import REFERENCE_BETAS, REFERENCE_EPS, REFERENCE_WEIGHT_DECAY
-from yulan_tune.training.schedules import WSDSchedule
-from yulan_tune.training.trainer import (
+from yulan_tune.training.callbacks import TrainingProgress, use_console_progress
+from yulan_tune.training.checkpoints import (
     AtomicCheckpointCallback,
-    YuLanTrainer,
     latest_complete_checkpoint,
     read_checkpoint_record,
     remove_incomplete_checkpoints,
 )
+from yulan_tune.training.monitor import HiddenStateMonitor
+from yulan_tune.training.mup import REFERENCE_BETAS, REFERENCE_EPS, REFERENCE_WEIGHT_DECAY
+from yulan_tune.training.schedules import WSDSchedule
+from yulan_tune.training.trainer import YuLanTrainer
 
 logger = logging.getLogger(__name__)
 
-TINY_CURRICULUM = PRETRAIN_DIR / "curriculum" / "tiny.yaml"
 BUNDLED_DATASETS = ("stdlib", "math", "stdlib-heldout", "math-test")
 
 
 @dataclass
 class PretrainConfig(TrainingArguments):
-    """TrainingArguments plus the pretraining recipe's fields. Defaults are YuLan-Mini's (yulan_reference.md 3.1):
+    """TrainingArguments plus the pretraining recipe's fields. Defaults are YuLan-Mini's (docs/yulan_reference.md 3.1):
     peak LR 1e-2 (hidden matrices get lr / m_width through the muP groups), AdamW (0.9, 0.95), eps 1e-15, weight decay
     0.1, gradient clipping 1.0, bf16 where the hardware has it, logging every 3 steps, a checkpoint every 250."""
 
@@ -83,8 +83,8 @@ class PretrainConfig(TrainingArguments):
     stop_after_phase: str | None = field(default=None, metadata={
         "help": "run up to and including this phase, then stop (the next launch continues with the next phase)"})
     tokenizer: str | None = field(default=None, metadata={
-        "help": "tokenizer directory or hub id (required); 'tiny' builds the offline tiny YuLan tokenizer "
-                "(yulan_tune.modeling.tiny) into <output_dir>/tokenizer"})
+        "help": "tokenizer directory or hub id (required); on the command line 'tiny' is the offline tiny YuLan "
+                "tokenizer (yulan_tune.tiny.resolve_tiny)"})
     prepare_bundled_data: bool = field(default=False, metadata={
         "help": "first write the bundled corpus (Python stdlib sources, math problems) as packed datasets "
                 f"{', '.join(BUNDLED_DATASETS)} under data_root (the offline default)"})
@@ -114,7 +114,7 @@ class PretrainConfig(TrainingArguments):
         "help": "complete checkpoints kept (the last one of each phase is always kept)"})
     export_llama: bool = field(default=True, metadata={"help": "also write final-llama/ (the released Llama form)"})
 
-    # YuLan-Mini's values for TrainingArguments fields (3.1, 3.7)
+    # YuLan-Mini's values for TrainingArguments fields (docs/yulan_reference.md 3.1, 3.7)
     learning_rate: float = field(default=1e-2, metadata={"help": "peak LR (muP: hidden matrices get lr / m_width)"})
     weight_decay: float = REFERENCE_WEIGHT_DECAY
     adam_beta1: float = REFERENCE_BETAS[0]
@@ -148,56 +148,9 @@ class PretrainConfig(TrainingArguments):
         if self.warmup_steps and (self.warmup_steps < 1 or self.warmup_steps != int(self.warmup_steps)):
             raise ValueError(f"PretrainConfig: warmup_steps is a number of steps, got {self.warmup_steps}; use "
                              f"warmup_tokens for a length in tokens")
+        if self.gradient_checkpointing_step is not None:
+            self.activation_checkpointing = True  # the model skips every k-th layer itself (build_model)
         super().__post_init__()
-
-
-# ------------------------------------------------------------------------------------------------ bundled data
-
-
-def prepare_bundled_corpus(
-    data_root: str | os.PathLike,
-    tokenizer: str | os.PathLike,
-    *,
-    seq_len: int,
-    stdlib_docs: int = 400,
-    heldout_docs: int = 20,
-    math_train: int = 2000,
-    math_test: int = 200,
-    seed: int = 0,
-) -> dict[str, Path]:
-    """The bundled corpus as packed datasets under `data_root`: `stdlib` (the first `stdlib_docs` standard-library
-    sources), `stdlib-heldout` (the next `heldout_docs`), `math` (worked math problems, train split) and `math-test`
-    (the test split, never trained on). Prepared once; later calls find them done."""
-    from yulan_tune.data.corpus import stdlib_documents
-    from yulan_tune.data.math_problems import generate_problems
-
-    stdlib = stdlib_documents(limit=stdlib_docs + heldout_docs)
-    if len(stdlib) < stdlib_docs + heldout_docs:
-        raise ValueError(f"only {len(stdlib)} stdlib documents found, {stdlib_docs + heldout_docs} requested")
-
-    def worked(problems):
-        return [f"Question: {p.question}\nAnswer: {p.solution}" for p in problems]
-
-    texts = {
-        "stdlib": stdlib[:stdlib_docs],
-        "stdlib-heldout": stdlib[stdlib_docs:],
-        "math": worked(generate_problems(math_train, seed, "train")),
-        "math-test": worked(generate_problems(math_test, seed, "test")),
-    }
-    root = Path(data_root)
-    (root / "raw").mkdir(parents=True, exist_ok=True)
-    paths = {}
-    for name, documents in texts.items():
-        raw = root / "raw" / f"{name}.jsonl"
-        content = "".join(json.dumps({"text": text}) + "\n" for text in documents)
-        if not raw.exists() or raw.read_text(encoding="utf-8") != content:
-            shutil.rmtree(root / name, ignore_errors=True)  # derived from the old text: prepare it again
-            tmp = raw.with_suffix(".tmp")
-            tmp.write_text(content, encoding="utf-8")
-            tmp.replace(raw)
-        prepare_packed_dataset([raw], tokenizer, root / name, seq_len=seq_len, num_workers=1, progress=False)
-        paths[name] = root / name
-    return paths
 
 
 # ------------------------------------------------------------------------------------------------ the recipe
@@ -218,18 +171,24 @@ class PretrainRecipe:
     """Runs a `PretrainConfig` (see the module docstring). The pieces are methods so that annealing and experiments
     can reuse or replace one of them: `plan`, `build_schedule`, `build_model`, `make_trainer`.
 
-    `callbacks` are added to every phase's Trainer (after the recipe's own checkpoint callback).
+    `callbacks` are added to every phase's Trainer (after the recipe's own checkpoint callback); `description`
+    labels the progress bar. The recipe never changes `config`: per-phase arguments are copies.
     """
 
-    def __init__(self, config: PretrainConfig, callbacks: list[TrainerCallback] | None = None) -> None:
+    def __init__(self, config: PretrainConfig, callbacks: list[TrainerCallback] | None = None, *,
+                 description: str = "pretrain") -> None:
         if config.tokenizer is None:
             raise ValueError("PretrainConfig.tokenizer is required (a tokenizer directory or hub id)")
+        if config.tokenizer == "tiny":
+            raise ValueError("PretrainConfig.tokenizer 'tiny' is a name the command line resolves; in a script pass "
+                             "yulan_tune.tiny.resolve_tiny('tiny', 'tokenizer')")
         if config.curriculum is None:
             raise ValueError("PretrainConfig.curriculum is required (a curriculum YAML or data_mix JSON)")
         if config.model_config is None and config.init_from is None:
             raise ValueError("PretrainConfig: give model_config (a new model's shape) or init_from (a checkpoint)")
         self.config = config
         self.callbacks = list(callbacks or [])
+        self.description = description
         self.output_dir = Path(config.output_dir)
 
     # --- pieces ---------------------------------------------------------------------------------------------------
@@ -260,7 +219,7 @@ class PretrainRecipe:
             raise ValueError(f"warmup ({warmup} steps) + decay ({decay} steps) exceed the curriculum's {total} steps")
         stable = None if decay == 0 else total - warmup - decay  # no decay: stable until the end (YuLan's phases)
         return WSDSchedule(warmup_steps=warmup, stable_steps=stable, decay_steps=decay,
-                           decay_shape=config.decay_shape, end_factor=config.end_lr_factor)
+                           decay_shape=config.decay_shape, end_lr_factor=config.end_lr_factor)
 
     def build_model(self, tokenizer: PreTrainedTokenizerBase) -> YuLanMiniForCausalLM:
         """A muP-initialized yulanmini model of `model_config`'s shape (seeded), or the `init_from` checkpoint."""
@@ -285,7 +244,6 @@ class PretrainRecipe:
             model = YuLanMiniForCausalLM(model_config)
         if config.gradient_checkpointing_step is not None:
             model.config.gradient_checkpointing_step = config.gradient_checkpointing_step
-            config.activation_checkpointing = True
         return model
 
     def phase_args(self, run: PhaseRun) -> PretrainConfig:
@@ -294,7 +252,8 @@ class PretrainRecipe:
         return args
 
     def make_trainer(self, model: YuLanMiniForCausalLM, tokenizer: PreTrainedTokenizerBase, run: PhaseRun,
-                     schedule: WSDSchedule, eval_datasets: dict[str, Any] | None) -> YuLanTrainer:
+                     schedule: WSDSchedule, eval_datasets: dict[str, Any] | None,
+                     bar: TrainingProgress) -> YuLanTrainer:
         dataset = open_phase(run.plan, seed=self._data_seed(), cache=self._dataset_cache)
         plan = run.plan
 
@@ -312,7 +271,7 @@ class PretrainRecipe:
         )
         if self.config.monitor_every_steps:
             HiddenStateMonitor(every_n_steps=self.config.monitor_every_steps).attach(trainer)
-        return trainer
+        return use_console_progress(trainer, bar)
 
     # --- the run --------------------------------------------------------------------------------------------------
     def _data_seed(self) -> int:
@@ -343,17 +302,9 @@ class PretrainRecipe:
         return index, record["phase_start_step"], latest
 
     def prepare_inputs(self) -> list[Path]:
-        """Work done once before training, by the main process first (the others then find it done): the tiny
-        tokenizer when `tokenizer: tiny`, the bundled corpus when asked, and the removal of incomplete checkpoints
-        (returned)."""
+        """Work done once before training, by the main process first (the others then find it done): the bundled
+        corpus when asked, and the removal of incomplete checkpoints (returned)."""
         config = self.config
-        if config.tokenizer == "tiny":
-            from yulan_tune.modeling.tiny import build_tiny_tokenizer
-
-            tokenizer_dir = self.output_dir / "tokenizer"
-            if not (tokenizer_dir / "tokenizer.json").exists():
-                build_tiny_tokenizer(tokenizer_dir)
-            config.tokenizer = str(tokenizer_dir)
         if config.prepare_bundled_data:
             if config.data_root is None:
                 raise ValueError("prepare_bundled_data needs data_root (where the packed datasets go)")
@@ -375,8 +326,6 @@ class PretrainRecipe:
         return datasets
 
     def run(self) -> dict[str, Any]:
-        from accelerate import PartialState
-
         config = self.config
         with PartialState().main_process_first():
             removed = self.prepare_inputs()
@@ -399,12 +348,13 @@ class PretrainRecipe:
         model = self.build_model(tokenizer)
         eval_datasets = self._eval_datasets()
         phases_run, metrics, trainer = [], {}, None
+        bar = TrainingProgress(self.description, total=sum(plan.steps for plan in plans[:stop]))
         for plan in plans[first:stop]:
             run = PhaseRun(plan=plan, start_step=start_step, resume_from=resume_from)
             logger.info("phase %r: steps %d-%d, %d rows of %d tokens per step, %s", plan.name, run.start_step,
                         run.end_step, plan.rows_per_step, plan.seq_len,
                         ", ".join(f"{name} {rows} rows" for name, rows in plan.rows.items()))
-            trainer = self.make_trainer(model, tokenizer, run, schedule, eval_datasets)
+            trainer = self.make_trainer(model, tokenizer, run, schedule, eval_datasets, bar)
             output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
             metrics = dict(output.metrics)
             phases_run.append(plan.name)
@@ -412,11 +362,15 @@ class PretrainRecipe:
             resume_from = self.output_dir / f"checkpoint-{run.end_step}"
             if read_checkpoint_record(resume_from) is None:
                 raise RuntimeError(f"phase {plan.name!r} ended without a complete checkpoint at {resume_from}")
+        bar.close()
         result = {"phases_run": phases_run, "global_step": start_step,
                   "resumed_from": str(resumed_from) if resumed_from else None,
-                  "removed_incomplete": [str(p) for p in removed], "train_metrics": metrics}
+                  "removed_incomplete": [str(p) for p in removed], "train_metrics": metrics,
+                  "dropped_rows": {plan.name: plan.dropped_rows for plan in plans[first:stop]}}
         if trainer is not None and stop == len(plans):  # this launch finished the curriculum
             result.update(self.save_final(trainer))
+        if PartialState().is_main_process:
+            write_metrics(self.output_dir, result)
         return result
 
     def save_final(self, trainer: YuLanTrainer) -> dict[str, str]:
@@ -428,84 +382,10 @@ class PretrainRecipe:
         if self.config.export_llama:
             llama_dir = self.output_dir / "final-llama"
             if trainer.args.should_save:
-                from yulan_tune.modeling.convert import to_llama
-
                 to_llama(final, llama_dir)  # copies the tokenizer files too
             trainer.accelerator.wait_for_everyone()
             saved["final_llama"] = str(llama_dir)
         return saved
-
-
-# ------------------------------------------------------------------------------------------------ the tiny base
-
-
-def _largest_remainder(total: int, weights: dict[str, float], minimum: int = 0) -> dict[str, int]:
-    """Integers proportional to `weights` that sum to exactly `total` (each at least `minimum`)."""
-    norm = sum(weights.values())
-    exact = {name: max(total * weight / norm, minimum) for name, weight in weights.items()}
-    counts = {name: int(value) for name, value in exact.items()}
-    for name in sorted(exact, key=lambda n: counts[n] - exact[n])[: max(total - sum(counts.values()), 0)]:
-        counts[name] += 1
-    while sum(counts.values()) > total:  # minimums raised small shares: take the excess from the largest
-        counts[max(counts, key=counts.get)] -= 1
-    return counts
-
-
-def pretrain_tiny_base(out_dir: str | os.PathLike, tokenizer_dir: str | os.PathLike, *, steps: int = 60,
-                       seed: int = 0) -> Path:
-    """Pretrain the quickstart's tiny YuLan with this recipe and write it to `out_dir` in Llama form (+ tokenizer).
-
-    A yulanmini model of `yulan_tune.modeling.tiny.TINY_SHAPE` (muP init, z-loss, WSD with a short warmup and a
-    cos2 decay over the last fifth) trains `steps` steps on the bundled corpus in the two phases of
-    `pretrain/curriculum/tiny.yaml`, scaled to `steps`; then `to_llama`. The run's files stay in `out_dir/pretrain`.
-    """
-    from yulan_tune.modeling.convert import to_llama
-    from yulan_tune.modeling.tiny import TINY_SHAPE
-
-    out = Path(out_dir)
-    work = out / "pretrain"
-    tiny = load_curriculum(TINY_CURRICULUM)
-    seq_len, batch = tiny.seq_len, 4
-    if steps < len(tiny.phases):
-        raise ValueError(f"steps must be >= {len(tiny.phases)} (one per curriculum phase), got {steps}")
-    # the tiny curriculum scaled to exactly `steps`: each phase keeps its share of the steps and its mix
-    phase_steps = _largest_remainder(steps, {p.name: p.total_tokens for p in tiny.phases}, minimum=1)
-    work.mkdir(parents=True, exist_ok=True)
-    scaled = {"seq_len": seq_len, "phases": [
-        {"name": phase.name, "tokens": {name: rows * seq_len for name, rows in
-                                        _largest_remainder(phase_steps[phase.name] * batch, phase.tokens).items()}}
-        for phase in tiny.phases]}
-    curriculum_file = work / "curriculum.yaml"
-    curriculum_file.write_text(json.dumps(scaled, indent=1))  # JSON is valid YAML
-    shape = {key: TINY_SHAPE[key] for key in ("hidden_size", "num_hidden_layers", "num_attention_heads",
-                                              "num_key_value_heads", "head_dim", "intermediate_size")}
-    # tokenize only what the run can use (the stdlib sources are ~3.4K tokens each): ~2.5x the stdlib rows it reads
-    prepare_bundled_corpus(work / "data", tokenizer_dir, seq_len=seq_len, stdlib_docs=min(400, max(8, steps // 2)),
-                           seed=seed)
-    config = PretrainConfig(
-        output_dir=str(work / "run"), curriculum=str(curriculum_file), data_root=str(work / "data"),
-        tokenizer=str(tokenizer_dir), seq_len=seq_len, seed=seed,
-        model_config={**shape, "dim_model_base_lr": 64, "vocab_size": TINY_SHAPE["vocab_size"],
-                      "rope_parameters": {"rope_type": "default", "rope_theta": 490000.0},
-                      "max_position_embeddings": 4096},
-        per_device_train_batch_size=batch, learning_rate=1e-2, warmup_steps=max(steps // 15, 1),
-        decay_steps=max(steps // 5, 1), decay_shape="cos2", end_lr_factor=0.1,
-        save_steps=10**9, keep_last_checkpoints=1, monitor_every_steps=max(steps // 5, 1), logging_steps=10,
-        report_to="none", export_llama=False, use_cpu=not torch.cuda.is_available(), disable_tqdm=True,
-    )
-    result = PretrainRecipe(config).run()
-    llama = to_llama(Path(result["final"]), None, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    llama.generation_config.pad_token_id = tokenizer.pad_token_id
-    end_of_turn = [tokenizer.eos_token_id] + [i for i in [tokenizer.convert_tokens_to_ids("<|eot_id|>")]
-                                              if i is not None and i != tokenizer.unk_token_id]
-    llama.generation_config.eos_token_id = end_of_turn
-    llama.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return out
-
-
-# ------------------------------------------------------------------------------------------------ command line
 
 
 def parse_config(argv: list[str] | None = None) -> PretrainConfig:
@@ -514,14 +394,3 @@ def parse_config(argv: list[str] | None = None) -> PretrainConfig:
 
     (config,) = TrlParser((PretrainConfig,)).parse_args_and_config(argv)
     return config
-
-
-def pretrain_main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        result = PretrainRecipe(parse_config(argv)).run()
-    except (CurriculumError, FileNotFoundError, ValueError) as error:
-        print(f"yulan-tune pretrain: error: {error}", file=sys.stderr)
-        return 2
-    print("pretrain: " + json.dumps(result))
-    return 0

@@ -16,8 +16,7 @@ from typing import Sequence
 
 from transformers import PreTrainedTokenizerBase
 
-IGNORE_INDEX = -100
-END_OF_TURN_TOKENS = ("<|eot_id|>",)
+from yulan_tune.conventions import END_OF_TURN_TOKEN, IGNORE_INDEX
 
 
 class ChatTemplateError(ValueError):
@@ -112,8 +111,7 @@ def generation_prompt_ids(tokenizer: PreTrainedTokenizerBase, messages: Sequence
 
 
 def end_of_turn_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
-    """Token ids that end an assistant turn: eos plus <|eot_id|> where the vocabulary has it."""
+    """Token ids that end an assistant turn: EOS plus <|eot_id|> where the vocabulary has it."""
     ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    vocab = tokenizer.get_vocab()
-    ids += [vocab[token] for token in END_OF_TURN_TOKENS if token in vocab and vocab[token] not in ids]
-    return ids
+    eot = tokenizer.get_vocab().get(END_OF_TURN_TOKEN)
+    return ids + ([eot] if eot is not None and eot not in ids else [])

@@ -88,3 +88,12 @@ def extract_answer(text: str) -> int | None:
         return int(match.group(1))
     numbers = _INT_RE.findall(text)
     return int(numbers[-1]) if numbers else None
+
+
+# The instruction the bundled SFT data pairs with each question (the same text at train and eval time).
+MATH_INSTRUCTION = "Solve the problem and end with 'The answer is N.'"
+
+
+def math_messages(problem: MathProblem) -> list[dict]:
+    """The user turn that asks `problem` (the prompt of the bundled SFT, preference and evaluation data)."""
+    return [{"role": "user", "content": f"{problem.question}\n{MATH_INSTRUCTION}"}]

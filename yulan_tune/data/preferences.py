@@ -1,6 +1,6 @@
 """Preference data: formats, validation, exact tokenization, and the bundled math preference pairs.
 
-Formats (one row each, from any source `yulan_tune.data.formats.iter_records` reads):
+Formats (one row each, from any source `yulan_tune.data.records.iter_records` reads):
 
 - `prompt` / `chosen` / `rejected`: strings, or message lists (trl's conversational form);
 - `chosen` / `rejected` as full conversations without `prompt`: the prompt is the longest shared prefix of turns,
@@ -23,18 +23,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from yulan_tune.data.formats import (
-    DataFormatError,
-    Record,
-    SkipReport,
-    check_messages,
-    decode_turns,
-    format_where,
-    iter_records,
-    sharegpt_to_messages,
-)
+from yulan_tune.data.chat import ChatTemplateError, generation_prompt_ids, tokenize_conversation
+from yulan_tune.data.formats import check_messages, decode_turns, sharegpt_to_messages
+from yulan_tune.data.math_problems import generate_problems, math_messages
+from yulan_tune.data.records import DataFormatError, Record, SkipReport, format_where, load_examples
 
-BUNDLED_PREFERENCES = "bundled:math_preferences"
 PREFERENCE_FORMATS = ("prompt_chosen_rejected", "implicit_prompt", "sharegpt", "unpaired")
 REJECTION_KINDS = ("off_by_one", "wrong_operation", "wrong_final_number", "misread_operand")
 
@@ -230,24 +223,11 @@ def _validated_pair(prompt: list[dict], chosen: list[dict], rejected: list[dict]
 def load_preference_examples(
     source: str | os.PathLike | Sequence[str | os.PathLike],
     *,
-    on_error: Literal["raise", "skip"] = "raise",
+    on_bad_rows: str = "raise",
     split: str = "train",
 ) -> tuple[list[PreferenceExample | UnpairedExample], SkipReport]:
-    """All rows of `source` parsed and validated; `skip` keeps the good rows and counts each bad one by reason."""
-    if on_error not in ("raise", "skip"):
-        raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
-    report = SkipReport()
-    examples: list[PreferenceExample | UnpairedExample] = []
-    sources = [source] if isinstance(source, (str, os.PathLike)) else list(source)
-    for one_source in sources:
-        for record in iter_records(one_source, split=split, errors=report if on_error == "skip" else None):
-            try:
-                examples.append(parse_preference_record(record))
-            except DataFormatError as error:
-                if on_error == "raise":
-                    raise
-                report.add(error.reason, error.where, error.detail)
-    return examples, report
+    """All rows of `source` parsed and validated, under the bad-row policy (`yulan_tune.data.records`)."""
+    return load_examples(source, parse_preference_record, on_bad_rows=on_bad_rows, split=split)
 
 
 def unpair(examples: Sequence[PreferenceExample | UnpairedExample]) -> list[UnpairedExample]:
@@ -285,8 +265,6 @@ class TokenizedPreferences:
 def response_ids(tokenizer: Any, prompt: list[dict], response: list[dict], prompt_ids: list[int],
                  where: str = "") -> list[int]:
     """The tokens that follow `prompt_ids` when `prompt + response` is rendered and tokenized exactly as in SFT."""
-    from yulan_tune.data.chat import ChatTemplateError, tokenize_conversation
-
     full = tokenize_conversation(tokenizer, prompt + response).input_ids
     if full[: len(prompt_ids)] != prompt_ids:
         raise ChatTemplateError(
@@ -312,8 +290,6 @@ def tokenize_preferences(
     identical when cut is dropped as "identical_after_truncation": it would carry no preference). Dropping is the
     default because the tokens that decide a preference are often the last ones (the final answer).
     """
-    from yulan_tune.data.chat import generation_prompt_ids
-
     if overlong not in ("drop", "truncate"):
         raise ValueError(f"overlong must be 'drop' or 'truncate', got {overlong!r}")
     out = TokenizedPreferences(report=report if report is not None else SkipReport())
@@ -411,9 +387,6 @@ def _misread_operand(problem: Any, steps: list[tuple[str, str, str, str]], rng: 
 def math_preference_pairs(n: int, seed: int = 0, split: str = "train") -> list[PreferenceExample]:
     """`n` pairs on the generated math problems: chosen = the correct worked solution, rejected = a plausible wrong
     one, the kinds of mistake of REJECTION_KINDS in turn. The "test" split uses held-out problems (never in the train split)."""
-    from yulan_tune.data.math_problems import generate_problems
-    from yulan_tune.eval import math_messages
-
     rng = random.Random(f"preferences-{seed}-{split}")
     pairs = []
     for index, problem in enumerate(generate_problems(n, seed, split)):
@@ -422,7 +395,7 @@ def math_preference_pairs(n: int, seed: int = 0, split: str = "train") -> list[P
             prompt=math_messages(problem),
             chosen=[{"role": "assistant", "content": problem.solution}],
             rejected=[{"role": "assistant", "content": wrong_solution(problem, kind, rng)}],
-            source=f"{BUNDLED_PREFERENCES}:{split}", line=index, unit="row", format="prompt_chosen_rejected",
+            source=f"bundled:math_preferences:{split}", line=index, unit="row", format="prompt_chosen_rejected",
             kind=kind,
         ))
     return pairs

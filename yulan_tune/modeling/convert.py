@@ -1,6 +1,6 @@
 """Convert between the yulanmini training form and the plain Llama form YuLan-Mini is released in.
 
-`to_llama` folds every yulanmini factor into the weights (yulan_reference.md section 2, fact 7.15):
+`to_llama` folds every yulanmini factor into the weights (docs/yulan_reference.md section 2, fact 7.15):
 
     embed_tokens   E * scale_emb                      lm_head   E * a_lm * dim_model_base_logits/hidden (untied copy)
     q/k/v weight   W * a                              q/k/v bias  b * a   (the reference script forgot the biases)
@@ -14,12 +14,10 @@ start from a released model. Folding happens in float64 and is cast once to the 
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import math
 import shutil
-import sys
 from pathlib import Path
 
 import torch
@@ -35,7 +33,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 DEFAULT_TIE_TOLERANCE = 1e-2
 
 
-def _load(model_or_dir: PreTrainedModel | str | Path, model_class: type[PreTrainedModel],
+def load_for_conversion(model_or_dir: PreTrainedModel | str | Path, model_class: type[PreTrainedModel],
           dtype: torch.dtype | str = "auto") -> tuple[PreTrainedModel, Path | None]:
     if isinstance(model_or_dir, PreTrainedModel):
         if not isinstance(model_or_dir, model_class):
@@ -97,11 +95,11 @@ def to_llama(model_or_dir: YuLanMiniForCausalLM | str | Path, out_dir: str | Pat
 
     `dtype` defaults to the source's. Raises ValueError for a QK-LayerNorm model (a Llama cannot hold it, 1.7).
     """
-    model, source_dir = _load(model_or_dir, YuLanMiniForCausalLM)
+    model, source_dir = load_for_conversion(model_or_dir, YuLanMiniForCausalLM)
     cfg = model.config
     if cfg.qk_layernorm:
         raise ValueError("this yulanmini model uses QK-LayerNorm (qk_layernorm=True), which the Llama architecture "
-                         "cannot express (yulan_reference.md 1.7); it has no exact Llama conversion")
+                         "cannot express (docs/yulan_reference.md 1.7); it has no exact Llama conversion")
     dtype = dtype or model.dtype
     rho, ln_scale = cfg.residual_scale, cfg.ln_scale
     query_scale = cfg.attention_scale * math.sqrt(cfg.head_dim)  # ours / Llama's head_dim**-0.5; 1 for the real run
@@ -135,7 +133,7 @@ def to_llama(model_or_dir: YuLanMiniForCausalLM | str | Path, out_dir: str | Pat
     llama = _build(LlamaForCausalLM, llama_config_for(cfg), state)
     llama.generation_config = copy.deepcopy(model.generation_config)
     if out_dir is not None:
-        _save(llama, out_dir, source_dir)
+        save_converted(llama, out_dir, source_dir)
     return llama
 
 
@@ -159,7 +157,7 @@ def from_llama(
     `tie_word_embeddings`, which requires lm_head to be proportional to embed_tokens (true for a model converted from
     the tied training form, up to `tie_tolerance` relative error); the ratio becomes lm_head_alpha.
     """
-    llama, source_dir = _load(model_or_dir, LlamaForCausalLM)
+    llama, source_dir = load_for_conversion(model_or_dir, LlamaForCausalLM)
     lc = llama.config
     if lc.mlp_bias or lc.hidden_act != "silu":
         raise ValueError(f"yulanmini has a bias-free SwiGLU MLP; this Llama has mlp_bias={lc.mlp_bias}, "
@@ -183,7 +181,7 @@ def from_llama(
         **config_overrides,
     })
     if cfg.qk_layernorm:
-        raise ValueError("qk_layernorm=True has no Llama counterpart to convert from (yulan_reference.md 1.7)")
+        raise ValueError("qk_layernorm=True has no Llama counterpart to convert from (docs/yulan_reference.md 1.7)")
     dtype = dtype or llama.dtype
     rho, ln_scale = cfg.residual_scale, cfg.ln_scale
     query_scale = cfg.attention_scale * math.sqrt(cfg.head_dim)
@@ -228,7 +226,7 @@ def from_llama(
     model = _build(YuLanMiniForCausalLM, cfg, state)
     model.generation_config = copy.deepcopy(llama.generation_config)
     if out_dir is not None:
-        _save(model, out_dir, source_dir)
+        save_converted(model, out_dir, source_dir)
     return model
 
 
@@ -243,7 +241,7 @@ def _tied_ratio(embed: torch.Tensor, lm_head: torch.Tensor, tolerance: float) ->
     return ratio
 
 
-def _save(model: PreTrainedModel, out_dir: str | Path, source_dir: Path | None) -> None:
+def save_converted(model: PreTrainedModel, out_dir: str | Path, source_dir: Path | None) -> None:
     out_dir = Path(out_dir)
     model.save_pretrained(out_dir)  # safetensors
     if source_dir is not None:
@@ -261,50 +259,3 @@ def max_logit_difference(model_a: PreTrainedModel, model_b: PreTrainedModel, num
     logits_a = model_a(input_ids.to(model_a.device)).logits.float().cpu()
     logits_b = model_b(input_ids.to(model_b.device)).logits.float().cpu()
     return (logits_a - logits_b).abs().max().item(), logits_a.abs().max().item()
-
-
-_DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def convert_main(argv: list[str]) -> int:
-    """`yulan-tune convert --to llama|yulanmini IN OUT`: 0 on success, 1 if the outputs changed, 2 on bad input."""
-    parser = argparse.ArgumentParser(
-        prog="yulan-tune convert",
-        description="Convert between YuLan-Mini's training form (yulanmini) and its released Llama form.")
-    parser.add_argument("--to", required=True, choices=["llama", "yulanmini"], help="target form")
-    parser.add_argument("source", help="model directory to convert")
-    parser.add_argument("out_dir", help="directory to write (safetensors, config, tokenizer files)")
-    parser.add_argument("--dtype", choices=sorted(_DTYPES), default="auto", help="output dtype (default: source's)")
-    parser.add_argument("--tie-word-embeddings", action="store_true",
-                        help="--to yulanmini: tie lm_head to the embedding as in training (needs them proportional)")
-    parser.add_argument("--scale-emb", type=float, default=10.0, help="--to yulanmini: embedding multiplier")
-    parser.add_argument("--dim-model-base-lr", type=int, default=256, help="--to yulanmini: muP base width")
-    parser.add_argument("--no-verify", action="store_true", help="skip comparing logits of source and result")
-    args = parser.parse_args(argv)
-
-    dtype = _DTYPES[args.dtype]
-    try:
-        if args.to == "llama":
-            source, _ = _load(args.source, YuLanMiniForCausalLM)
-            result = to_llama(source, None, dtype=dtype)
-        else:
-            source, _ = _load(args.source, LlamaForCausalLM)
-            result = from_llama(source, None, dtype=dtype, scale_emb=args.scale_emb,
-                                dim_model_base_lr=args.dim_model_base_lr,
-                                tie_word_embeddings=args.tie_word_embeddings)
-    except (FileNotFoundError, ValueError, TypeError, NotImplementedError) as error:
-        print(f"yulan-tune convert: error: {error}", file=sys.stderr)
-        return 2
-    _save(result, args.out_dir, Path(args.source))
-    print(f"wrote {args.to} model to {args.out_dir} ({sum(p.numel() for p in result.parameters()):,} parameters, "
-          f"{result.dtype})")
-    if args.no_verify:
-        return 0
-    difference, scale = max_logit_difference(source, result)
-    # a wrong conversion changes logits by O(1) relative; rounding of a 16-bit cast stays far below 10%
-    tolerance = (1e-4 if result.dtype == torch.float32 and source.dtype == torch.float32 else 1e-1) * max(scale, 1.0)
-    print(f"max |logit difference| on 64 random tokens: {difference:.3g} (max |logit| {scale:.3g})")
-    if difference > tolerance:
-        print(f"yulan-tune convert: error: outputs changed beyond {tolerance:.3g}", file=sys.stderr)
-        return 1
-    return 0

@@ -57,6 +57,8 @@ from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
+from yulan_tune.conventions import IGNORE_INDEX
+
 # The 2.42B run (1.2): m_width = hidden / dim_model_base_lr = 1920 / 256 = 7.5, L = 56.
 _RUN_M_WIDTH, _RUN_LAYERS = 1920 / 256, 56
 
@@ -77,7 +79,7 @@ def mup_alphas(hidden_size: int, num_hidden_layers: int, dim_model_base_lr: int)
 
 class YuLanMiniConfig(PreTrainedConfig):
     """Config of the yulanmini form. Field names are the reference's (`configuration_yulanmini.py`) so its config.json
-    files load; defaults are the 2.42B run (yulan_reference.md 1.2). Use `for_shape` for another width or depth."""
+    files load; defaults are the 2.42B run (docs/yulan_reference.md 1.2). Use `for_shape` for another width or depth."""
 
     model_type = "yulanmini"
 
@@ -420,7 +422,7 @@ def _check_supported(config: YuLanMiniConfig) -> None:
     if enabled:
         raise NotImplementedError(
             f"yulanmini options {enabled} are reference ablations that the 2.42B run did not use and yulan_tune does "
-            f"not implement (yulan_reference.md 1.8, 3.8); set them to their defaults (False, rms_type='llama')"
+            f"not implement (docs/yulan_reference.md 1.8, 3.8); set them to their defaults (False, rms_type='llama')"
         )
 
 
@@ -490,7 +492,7 @@ def causal_lm_loss_with_z_loss(
     labels: torch.Tensor | None,
     z_loss: float,
     num_items_in_batch: torch.Tensor | int | None = None,
-    ignore_index: int = -100,
+    ignore_index: int = IGNORE_INDEX,
     shift_labels: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Mean over predicted tokens of CE + z_loss * logsumexp(logits)^2 (1.3.5; Liger's `lse_square_scale`).
@@ -525,6 +527,9 @@ class YuLanMiniForCausalLM(YuLanMiniPreTrainedModel, GenerationMixin):
         self.lm_head.mup_init_role = "lm_head"
         self.lm_head_alpha = _scalar(config.lm_head_alpha, ()) if config.wesar_weights else 1.0
         self.post_init()
+        if config.tie_word_embeddings:
+            # the tied head is the embedding: never saved, and re-tied (not reported missing) when Trainer resumes
+            self._keys_to_ignore_on_save.add("lm_head.weight")
 
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     @can_return_tuple
@@ -540,7 +545,7 @@ class YuLanMiniForCausalLM(YuLanMiniPreTrainedModel, GenerationMixin):
         logits_to_keep: int | torch.Tensor = 0,
         **kwargs: Unpack[TransformersKwargs],
     ) -> CausalLMOutputWithPast:
-        """`labels` are input ids with -100 where no loss is wanted (shifted inside); the loss adds z-loss (1.3.5)."""
+        """`labels` are input ids with IGNORE_INDEX where no loss is wanted (shifted inside); the loss adds z-loss (1.3.5)."""
         num_items_in_batch = kwargs.pop("num_items_in_batch", None)
         shift_labels = kwargs.pop("shift_labels", None)
         outputs: BaseModelOutputWithPast = self.model(

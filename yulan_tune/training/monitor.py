@@ -1,5 +1,5 @@
 """Hidden-state monitor: per-layer RMS / variance / mean of activations, the divergence indicators of YuLan-Mini's
-training (yulan_reference.md 3.7; report Figs 3-5 and 7).
+training (docs/yulan_reference.md 3.7; report Figs 3-5 and 7).
 
 Forward hooks read the activations of the training step's own forward passes (no extra forward), only on every
 `every_n_steps`-th optimizer step; on other steps the hooks return at once. As in the reference, a statistic is the

@@ -1,4 +1,4 @@
-"""muP learning-rate groups for the yulanmini form (yulan_reference.md 3.2, report Table 3, fact 7.9).
+"""muP learning-rate groups for the yulanmini form (docs/yulan_reference.md 3.2, report Table 3, fact 7.9).
 
 Hidden matrices (q, k, v, o, gate, up, down, and an untied lm_head) train at lr / m_width with
 m_width = hidden_size / dim_model_base_lr (7.5 for the 2.42B run); the embedding (= the tied lm_head), biases,

@@ -1,6 +1,6 @@
 """Read AdamW moments and the step from a pre-annealing checkpoint and put them into a torch AdamW.
 
-Annealing resumes "at the point where learning is most effective" (yulan_reference.md section 4), which only works
+Annealing resumes "at the point where learning is most effective" (docs/yulan_reference.md section 4), which only works
 if the optimizer keeps its moments: a fresh AdamW has exp_avg_sq = 0 and takes full-size sign steps at the
 checkpoint's LR. Two checkpoint formats carry the moments:
 
@@ -8,7 +8,7 @@ checkpoint's LR. Two checkpoint formats carry the moments:
     the position of each parameter in the param groups, `param_names` per group when the optimizer was built from
     named parameters), `scheduler.pt` the LR scheduler's state dict, `trainer_state.json` the global step.
 (b) DeepSpeed universal checkpoints, the format `YuLan-Mini-Before-Annealing` ships its AdamW states in
-    (`global_step243198_universal`, yulan_reference.md 1.6), as written by DeepSpeed's `ds_to_universal.py`
+    (`global_step243198_universal`, docs/yulan_reference.md 1.6), as written by DeepSpeed's `ds_to_universal.py`
     (read at deepspeed 0.19.8, `deepspeed/checkpoint/ds_to_universal.py` + `universal_checkpoint.py`):
 
         <root>/latest_universal                     text: the name of the step folder
@@ -147,7 +147,7 @@ class CheckpointOptimizerState:
         """The LR at the saved step of the full-rate group: where an annealing decay starts. Groups written by
         `training/mup.py` record their `lr_scale` (lr = full rate x lr_scale), so the full rate is lr / lr_scale
         (equal for all groups); otherwise it is the largest group LR (YuLan's muP groups divide the full rate by
-        m_width = 7.5, yulan_reference.md 3.2)."""
+        m_width = 7.5, docs/yulan_reference.md 3.2)."""
         if all("lr_scale" in group for group in self.param_groups):
             rates = [float(group["lr"]) / float(group["lr_scale"]) for group in self.param_groups]
             if max(rates) - min(rates) > 1e-9 * max(rates):

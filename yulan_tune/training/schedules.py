@@ -1,4 +1,4 @@
-"""Warmup-stable-decay (WSD) learning-rate schedules, as YuLan-Mini used them (yulan_reference.md 3.4).
+"""Warmup-stable-decay (WSD) learning-rate schedules, as YuLan-Mini used them (docs/yulan_reference.md 3.4).
 
 The multiplier applied to every parameter group's peak LR at optimizer step `t` (steps counted from `start_step`,
 `s = t - start_step`) is
@@ -72,7 +72,7 @@ def wsd_lambda(
     decay_steps: int,
     decay_shape: str = "1-sqrt",
     start_step: int = 0,
-    end_factor: float = 0.0,
+    end_lr_factor: float = 0.0,
 ) -> float:
     """LR multiplier at optimizer step `step` (see the module docstring for the formula)."""
     s = max(step - start_step, 0)
@@ -84,8 +84,8 @@ def wsd_lambda(
     if into_decay < 0:
         return 1.0
     if decay_steps <= 0:  # no decay window: the run ends at the end value
-        return end_factor
-    return end_factor + (1.0 - end_factor) * decay_curve(into_decay / decay_steps, decay_shape)
+        return end_lr_factor
+    return end_lr_factor + (1.0 - end_lr_factor) * decay_curve(into_decay / decay_steps, decay_shape)
 
 
 @dataclass(frozen=True)
@@ -97,7 +97,7 @@ class WSDSchedule:
     decay_steps: int = 0
     decay_shape: str = "1-sqrt"
     start_step: int = 0
-    end_factor: float = 0.0
+    end_lr_factor: float = 0.0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "decay_shape", canonical_decay_shape(self.decay_shape))
@@ -108,8 +108,8 @@ class WSDSchedule:
             raise ValueError(f"WSDSchedule.stable_steps must be >= 0 or None, got {self.stable_steps}")
         if self.stable_steps is None and self.decay_steps:
             raise ValueError("WSDSchedule: a decay window needs stable_steps (None means stable until the end)")
-        if not 0.0 <= self.end_factor <= 1.0:
-            raise ValueError(f"WSDSchedule.end_factor must be in [0, 1], got {self.end_factor}")
+        if not 0.0 <= self.end_lr_factor <= 1.0:
+            raise ValueError(f"WSDSchedule.end_lr_factor must be in [0, 1], got {self.end_lr_factor}")
 
     def __call__(self, step: int) -> float:
         return wsd_lambda(
@@ -119,7 +119,7 @@ class WSDSchedule:
             decay_steps=self.decay_steps,
             decay_shape=self.decay_shape,
             start_step=self.start_step,
-            end_factor=self.end_factor,
+            end_lr_factor=self.end_lr_factor,
         )
 
     @property
@@ -128,7 +128,7 @@ class WSDSchedule:
 
     @property
     def end_step(self) -> int | None:
-        """First step at which the multiplier has reached `end_factor` (None without a decay window)."""
+        """First step at which the multiplier has reached `end_lr_factor` (None without a decay window)."""
         start = self.decay_start_step
         return None if start is None else start + self.decay_steps
 
@@ -142,7 +142,7 @@ class WSDSchedule:
         decay_tokens: int = 0,
         decay_shape: str = "1-sqrt",
         start_step: int = 0,
-        end_factor: float = 0.0,
+        end_lr_factor: float = 0.0,
     ) -> "WSDSchedule":
         """The same schedule with its windows given in tokens; each window becomes ceil(tokens / tokens_per_step)
         steps, so a window never ends before its token budget is consumed (exact when the budget divides)."""
@@ -158,7 +158,7 @@ class WSDSchedule:
             decay_steps=steps(decay_tokens),
             decay_shape=decay_shape,
             start_step=start_step,
-            end_factor=end_factor,
+            end_lr_factor=end_lr_factor,
         )
 
 

@@ -1,15 +1,14 @@
 """The Trainer of pretraining and annealing: muP AdamW groups, a WSD schedule, a seekable data order and atomic
 checkpoints, all through `transformers.Trainer`'s hooks.
 
-- `create_optimizer`: AdamW over the muP parameter groups (`yulan_tune.training.mup`; yulan_reference.md 3.1-3.2).
+- `create_optimizer`: AdamW over the muP parameter groups (`yulan_tune.training.mup`; docs/yulan_reference.md 3.1-3.2).
 - `create_scheduler`: `WSDScheduler` over optimizer steps (3.4); resumable through the scheduler's state dict.
 - `_get_train_sampler`: `SeekableSampler`, which yields the training rows in their fixed order starting at the row
   the restored global step points to. Exact resume therefore seeks: nothing is replayed and no consumed batch is
   read or even iterated over (the reference skipped consumed batches one by one, 3.5). Transformers' own skipping is
   turned off (`ignore_data_skip=True` is required), since the sampler is already positioned.
-- `AtomicCheckpointCallback`: a checkpoint counts only once a completion record is written after all its files are
-  flushed to disk (`CHECKPOINT_COMPLETE`). A run killed while saving leaves a directory without it, which
-  `latest_complete_checkpoint` never returns and `remove_incomplete_checkpoints` clears.
+- `AnnealTrainer`: the same, continuing a checkpoint's AdamW moments and step count (annealing).
+Checkpoints are made atomic by `yulan_tune.training.checkpoints.AtomicCheckpointCallback`.
 
 The training rows must be a map-style dataset whose order is the training order (e.g. a `MixtureDataset`); row
 `(global_step - dataset_start_step) * total_batch_size` is the first one of the step `global_step`.
@@ -17,25 +16,26 @@ The training rows must be a map-style dataset whose order is the training order 
 
 from __future__ import annotations
 
-import json
 import logging
-import os
-import re
-import shutil
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch.utils.data import Sampler
-from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from transformers import Trainer
 
+from yulan_tune.modeling.yulanmini import YuLanMiniForCausalLM
+from yulan_tune.training.losses import chunked_causal_lm_loss
+from yulan_tune.training.mup import mup_param_groups
+from yulan_tune.training.optim_state import (
+    CheckpointOptimizerState,
+    OptimizerStateReport,
+    hf_default_param_groups,
+    load_optimizer_state,
+)
 from yulan_tune.training.schedules import WSDSchedule, create_wsd_scheduler
 
 logger = logging.getLogger(__name__)
-
-CHECKPOINT_COMPLETE = "checkpoint_complete.json"
-_CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")
 
 
 class SeekableSampler(Sampler[int]):
@@ -81,8 +81,6 @@ class YuLanTrainer(Trainer):
 
     def create_optimizer(self, model: torch.nn.Module | None = None) -> torch.optim.Optimizer:
         if self.optimizer is None and self.mup:
-            from yulan_tune.training.mup import mup_param_groups
-
             groups = mup_param_groups(self.model if model is None else model, self.args.learning_rate,
                                       weight_decay=self.args.weight_decay, decay_vectors=self.decay_vectors)
             self.optimizer = torch.optim.AdamW(groups, lr=self.args.learning_rate,
@@ -114,111 +112,66 @@ class YuLanTrainer(Trainer):
         return SeekableSampler(len(dataset), lambda: self.first_row_of_step(self.state.global_step))
 
 
-# ---------------------------------------------------------------------------------------------------- checkpoints
+class AnnealTrainer(YuLanTrainer):
+    """The pretraining Trainer (muP AdamW from the TrainingArguments' LR / betas / eps / weight decay, WSD schedule,
+    seekable data order) with three changes through its hooks: `create_optimizer` fills the AdamW with the
+    checkpoint's moments and step; `create_scheduler` continues the checkpoint's step count; `compute_loss`
+    optionally chunks the cross-entropy."""
 
+    def __init__(self, *args: Any, optimizer_checkpoint: CheckpointOptimizerState | None,
+                 loss_chunk_size: int | None = None, strict_optimizer_state: bool = True, **kwargs: Any) -> None:
+        self.optimizer_checkpoint = optimizer_checkpoint
+        self.loss_chunk_size = loss_chunk_size
+        self.strict_optimizer_state = strict_optimizer_state
+        self.optimizer_report: OptimizerStateReport | None = None
+        self._final_hidden: dict[str, torch.Tensor] = {}
+        if loss_chunk_size is not None:
+            kwargs["compute_loss_func"] = self._chunked_loss
+        super().__init__(*args, **kwargs)
+        if self.is_deepspeed_enabled or self.is_fsdp_enabled:
+            raise NotImplementedError(
+                "annealing loads AdamW moments into a torch optimizer; DeepSpeed ZeRO and FSDP rebuild or re-shard "
+                "the optimizer state after create_optimizer, which would drop them. Run single-process or DDP "
+                "(accelerate launch --multi_gpu)."
+            )
 
-def checkpoint_step(path: Path) -> int | None:
-    match = _CHECKPOINT_NAME.match(path.name)
-    return int(match.group(1)) if match else None
+    def create_optimizer(self, model: torch.nn.Module | None = None) -> torch.optim.Optimizer:
+        if self.optimizer is None:
+            model = self.model if model is None else model
+            super().create_optimizer(model)
+            if self.optimizer_checkpoint is not None:
+                saved = self.optimizer_checkpoint
+                source_names = None if saved.named else hf_default_param_groups(self, model)
+                self.optimizer_report = load_optimizer_state(saved, model, self.optimizer,
+                                                             source_param_names=source_names,
+                                                             strict=self.strict_optimizer_state)
+                logger.info(self.optimizer_report.summary())
+        return self.optimizer
 
+    def create_scheduler(self, num_training_steps: int, optimizer: torch.optim.Optimizer | None = None):
+        if self.lr_scheduler is None:
+            # The counter continues the checkpoint's global step S: the first optimizer step of the anneal is step S
+            # and gets the schedule's value at S (the start LR), as the reference's LambdaLR over the global step.
+            self.lr_scheduler = create_wsd_scheduler(optimizer or self.optimizer, self.schedule,
+                                                     last_step=self.schedule.start_step - 1)
+        return self.lr_scheduler
 
-def read_checkpoint_record(checkpoint: str | os.PathLike) -> dict[str, Any] | None:
-    """The completion record of a checkpoint, or None when it is incomplete (no record, or a file is missing or has
-    another size than recorded)."""
-    checkpoint = Path(checkpoint)
-    record_path = checkpoint / CHECKPOINT_COMPLETE
-    try:
-        record = json.loads(record_path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-    for name, size in record.get("files", {}).items():
-        file = checkpoint / name
-        if not file.is_file() or file.stat().st_size != size:
-            return None
-    return record
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if self.loss_chunk_size is None:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        # The model computes logits for one position only; the loss comes from the final hidden states, captured by
+        # a forward hook on the decoder and passed to compute_loss_func (self._chunked_loss) by Trainer.compute_loss.
+        decoder = self.accelerator.unwrap_model(model).model
+        handle = decoder.register_forward_hook(
+            lambda module, args, output: self._final_hidden.__setitem__("hidden", output.last_hidden_state))
+        try:
+            return super().compute_loss(model, {**inputs, "logits_to_keep": 1}, return_outputs, num_items_in_batch)
+        finally:
+            handle.remove()
+            self._final_hidden.clear()
 
-
-def list_checkpoints(output_dir: str | os.PathLike) -> tuple[list[Path], list[Path]]:
-    """(complete, incomplete) checkpoint directories of `output_dir`, each sorted by step."""
-    output_dir = Path(output_dir)
-    found = sorted((p for p in output_dir.glob("checkpoint-*") if p.is_dir() and checkpoint_step(p) is not None),
-                   key=checkpoint_step)
-    complete = [p for p in found if read_checkpoint_record(p) is not None]
-    return complete, [p for p in found if p not in complete]
-
-
-def latest_complete_checkpoint(output_dir: str | os.PathLike) -> Path | None:
-    complete, _ = list_checkpoints(output_dir)
-    return complete[-1] if complete else None
-
-
-def remove_incomplete_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
-    """Delete checkpoint directories that were never completed (a run killed while saving); returns them."""
-    _, incomplete = list_checkpoints(output_dir)
-    for path in incomplete:
-        logger.warning("removing incomplete checkpoint %s (the run stopped while writing it)", path)
-        shutil.rmtree(path)
-    return incomplete
-
-
-def _fsync(path: Path) -> None:
-    descriptor = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
-
-
-def write_checkpoint_record(checkpoint: Path, extra: dict[str, Any]) -> dict[str, Any]:
-    """Flush every file of `checkpoint` to disk, then atomically write its completion record (temp file, fsync,
-    rename, directory fsync): the record exists only if everything it lists does."""
-    files = {}
-    for file in sorted(p for p in checkpoint.rglob("*") if p.is_file() and p.name != CHECKPOINT_COMPLETE):
-        _fsync(file)
-        files[str(file.relative_to(checkpoint))] = file.stat().st_size
-    record = {**extra, "files": files}
-    tmp = checkpoint / (CHECKPOINT_COMPLETE + ".tmp")
-    with open(tmp, "w") as handle:
-        json.dump(record, handle, indent=1)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, checkpoint / CHECKPOINT_COMPLETE)
-    _fsync(checkpoint)
-    return record
-
-
-class AtomicCheckpointCallback(TrainerCallback):
-    """Marks each checkpoint complete after Trainer wrote it, then keeps the `keep_last` newest complete ones (plus
-    any whose record says `"keep": true`, e.g. the last checkpoint of each curriculum phase).
-
-    Transformers writes `checkpoint-N` in place; this callback's `on_save` runs after every file is written. Rotation
-    is done here, after the record, instead of by `save_total_limit` (which deletes old checkpoints before the new one
-    is known to be complete), so the config must leave `save_total_limit` unset.
-    `record_extra(state)` adds fields to the record (the recipe stores its curriculum position there).
-    """
-
-    def __init__(self, keep_last: int | None = None,
-                 record_extra: Callable[[TrainerState], dict[str, Any]] | None = None) -> None:
-        if keep_last is not None and keep_last < 1:
-            raise ValueError(f"keep_last must be >= 1 or None, got {keep_last}")
-        self.keep_last = keep_last
-        self.record_extra = record_extra
-
-    def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
-        from accelerate import PartialState
-
-        PartialState().wait_for_everyone()  # every rank has written its part (DeepSpeed / FSDP shards)
-        if state.is_world_process_zero:
-            checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-            extra = {"global_step": state.global_step, **(self.record_extra(state) if self.record_extra else {})}
-            write_checkpoint_record(checkpoint, extra)
-            self._rotate(Path(args.output_dir))
-        PartialState().wait_for_everyone()
-
-    def _rotate(self, output_dir: Path) -> None:
-        if self.keep_last is None:
-            return
-        complete, _ = list_checkpoints(output_dir)
-        for path in complete[: max(len(complete) - self.keep_last, 0)]:
-            if not read_checkpoint_record(path).get("keep"):
-                shutil.rmtree(path)
+    def _chunked_loss(self, outputs: Any, labels: torch.Tensor, num_items_in_batch: Any = None) -> torch.Tensor:
+        model: YuLanMiniForCausalLM = self.accelerator.unwrap_model(self.model)
+        return chunked_causal_lm_loss(
+            self._final_hidden["hidden"], model.lm_head.weight, model.config.logits_scale * model.lm_head_alpha,
+            labels, model.config.z_loss, self.loss_chunk_size, num_items_in_batch)

@@ -2,21 +2,14 @@
 
 from __future__ import annotations
 
-import argparse
 from typing import Sequence
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from yulan_tune.console import progress
 from yulan_tune.data.chat import end_of_turn_ids, generation_prompt_ids
-from yulan_tune.data.math_problems import MathProblem, extract_answer, generate_problems
-
-# The instruction the bundled SFT data pairs with each question (the same text at train and eval time).
-MATH_INSTRUCTION = "Solve the problem and end with 'The answer is N.'"
-
-
-def math_messages(problem: MathProblem) -> list[dict]:
-    return [{"role": "user", "content": f"{problem.question}\n{MATH_INSTRUCTION}"}]
+from yulan_tune.data.math_problems import MathProblem, extract_answer, math_messages
 
 
 @torch.no_grad()
@@ -27,6 +20,7 @@ def generate_answers(
     *,
     max_new_tokens: int = 48,
     batch_size: int = 32,
+    show_progress: bool = False,
 ) -> list[str]:
     """Greedy completions for each conversation, left-padded batches, stopped at the end-of-turn tokens."""
     was_training = model.training
@@ -34,7 +28,8 @@ def generate_answers(
     device = next(model.parameters()).device
     pad_id = tokenizer.pad_token_id
     completions: list[str] = []
-    for start in range(0, len(conversations), batch_size):
+    starts = range(0, len(conversations), batch_size)
+    for start in progress(starts, desc="generating", unit="batch", enabled=show_progress, leave=False):
         prompts = [generation_prompt_ids(tokenizer, c) for c in conversations[start : start + batch_size]]
         width = max(map(len, prompts))
         input_ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts], device=device)
@@ -59,27 +54,9 @@ def math_accuracy(
     *,
     max_new_tokens: int = 48,
     batch_size: int = 32,
+    show_progress: bool = False,
 ) -> float:
     """Fraction of problems whose extracted final answer equals the true answer."""
-    answers = generate_answers(
-        model, tokenizer, [math_messages(p) for p in problems], max_new_tokens=max_new_tokens, batch_size=batch_size
-    )
+    answers = generate_answers(model, tokenizer, [math_messages(p) for p in problems], max_new_tokens=max_new_tokens,
+                               batch_size=batch_size, show_progress=show_progress)
     return sum(extract_answer(a) == p.answer for a, p in zip(answers, problems)) / max(1, len(problems))
-
-
-def eval_main(argv: list[str] | None = None) -> int:
-    from yulan_tune.loading import load_model, load_tokenizer
-
-    parser = argparse.ArgumentParser(prog="yulan-tune eval", description="Held-out math exact-match accuracy.")
-    parser.add_argument("--model", required=True, help="model dir or hub id")
-    parser.add_argument("--adapter", default=None, help="optional LoRA adapter dir")
-    parser.add_argument("--num-problems", type=int, default=200)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--max-new-tokens", type=int, default=48)
-    args = parser.parse_args(argv)
-    tokenizer = load_tokenizer(args.adapter or args.model) if args.adapter else load_tokenizer(args.model)
-    model = load_model(args.model, adapter=args.adapter)
-    problems = generate_problems(args.num_problems, args.seed, split="test")
-    accuracy = math_accuracy(model, tokenizer, problems, max_new_tokens=args.max_new_tokens)
-    print(f"eval: math exact-match={accuracy:.3f} n={len(problems)} model={args.model}")
-    return 0

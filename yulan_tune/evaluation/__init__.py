@@ -1,0 +1,1 @@
+"""Measuring models: held-out exact-match on the bundled math problems, held-out preference metrics."""

@@ -1,0 +1,53 @@
+"""The config fields SFT and DPO share: trl's `ModelConfig` (how the model is loaded, quantized and LoRA-adapted,
+read by trl's `get_peft_config` / `get_quantization_config`), with YuLan defaults, plus the chat template and the
+bad-row policy.
+
+A YAML that works with trl's own scripts (`model_name_or_path`, `dtype`, `use_peft`, `lora_r`, `load_in_4bit`, ...)
+works here unchanged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import trl
+
+from yulan_tune.data.records import check_bad_row_policy
+
+# every projection of a Llama block: LoRA on all of them is what QLoRA (Dettmers et al. 2023) found necessary to match
+# full fine-tuning; peft's default for Llama is q_proj and v_proj only
+ALL_LINEAR_LAYERS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@dataclass
+class PostTrainingModelConfig(trl.ModelConfig):
+    """trl.ModelConfig with YuLan defaults, plus the chat template and the bad-row policy (for DPO, a LoRA run's
+    reference model is the policy with the adapter disabled)."""
+
+    model_name_or_path: str = field(default="tiny", metadata={"help": "hub id, local dir, or 'tiny'"})
+    dtype: str | None = field(default=None, metadata={
+        "help": "float32, bfloat16, float16, auto; default: bf16 where the GPU has it, else fp32"})
+    lora_target_modules: list[str] | None = field(default_factory=lambda: list(ALL_LINEAR_LAYERS), metadata={
+        "help": "modules that get LoRA adapters (default: every projection of a block)"})
+    use_bnb_nested_quant: bool = field(default=True, metadata={
+        "help": "4-bit: quantize the quantization constants too (QLoRA's double quantization)"})
+    chat_template: str | None = field(
+        default=None, metadata={"help": "a name in chat_templates/ or a .jinja path; default: the model's own"}
+    )
+    on_bad_rows: str = field(
+        default="raise", metadata={"help": "'raise' stops at the first invalid row; 'skip' counts and reports it"}
+    )
+
+    def resolve_model_fields(self) -> None:
+        """The checks trl.ModelConfig.__post_init__ makes, and ours (TrainingArguments' __post_init__ runs instead
+        of trl.ModelConfig's in the combined configs); activation checkpointing on unless set (trl's default, under
+        the current name; a config that sets the deprecated `gradient_checkpointing` keeps its value)."""
+        if getattr(self, "activation_checkpointing", None) is None and getattr(self, "gradient_checkpointing",
+                                                                               None) is None:
+            self.activation_checkpointing = True
+        check_bad_row_policy(self.on_bad_rows)
+        if self.load_in_4bit and self.load_in_8bit:
+            raise ValueError("load_in_4bit and load_in_8bit: choose one")
+        if (self.load_in_4bit or self.load_in_8bit) and not self.use_peft:
+            raise ValueError("load_in_4bit / load_in_8bit require use_peft: true (a quantized base is trained "
+                             "through LoRA adapters)")
