@@ -105,8 +105,12 @@ def branches(workdir):
                                          decay="1-sqrt", output_dir=str(root / "decay"),
                                          packed_data_dir=str(root / "packed"), **COMMON)
     constant = decay.branch(str(root / "constant"), end_lr_factor=1.0)  # end = start: a constant LR
+    given = {"decay": decay.config.to_dict(), "constant": constant.config.to_dict()}
     decay.build_trainer().add_callback(lr_recorder := LearningRateRecorder())
     metrics = {"decay": decay.run(), "constant": constant.run()}
+    # configs are values: running a recipe leaves the config it was given as it was (derived steps and AdamW settings
+    # go into a copy), so a branch made after a run copies what the user gave
+    assert {"decay": decay.config.to_dict(), "constant": constant.config.to_dict()} == given
     return decay, constant, metrics, before, lr_recorder.lrs
 
 

@@ -15,7 +15,8 @@ import pytest
 import torch
 from transformers import AutoConfig, LlamaForCausalLM
 
-from yulan_tune.app import AppConfig, ChatModel, build_app, serve
+from yulan_tune.app import AppConfig, build_app, serve
+from yulan_tune.chat_session import ChatModel
 
 ARTIFACTS = Path(__file__).parent / "artifacts"
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -77,7 +78,7 @@ def model_dir(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def chat_model(model_dir: Path) -> ChatModel:
     previous = torch.get_num_threads()
-    torch.set_num_threads(1)  # what app_main picks on 2 cores with 2 concurrent generations
+    torch.set_num_threads(1)  # what the app command picks on 2 cores with 2 concurrent generations
     yield ChatModel.load(model_dir)
     torch.set_num_threads(previous)
 

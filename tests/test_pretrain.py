@@ -66,7 +66,11 @@ def single_thread():
 
 @pytest.fixture(scope="module")
 def uninterrupted(workspace, tiny_dir, single_thread) -> dict:
-    return PretrainRecipe(make_config(workspace, tiny_dir, "uninterrupted")).run()
+    config = make_config(workspace, tiny_dir, "uninterrupted")
+    given = config.to_dict()
+    result = PretrainRecipe(config).run()
+    assert config.to_dict() == given, "PretrainRecipe changed the config it was given"
+    return result
 
 
 class ReportStep(TrainerCallback):

@@ -36,6 +36,7 @@ def logged_losses(recipe: SFTRecipe) -> list[float]:
 
 def test_full_sft_lowers_loss_and_masks_prompts(tiny_dir, tmp_path):
     recipe = SFTRecipe(quick_config("tiny_full.yaml", tiny_dir, tmp_path / "full", "--learning_rate", "2e-3"))
+    given = recipe.config.to_dict()
     recipe.build_trainer()
     row = recipe.train_split.dataset[0]
     assert row["labels"][0] == IGNORE_INDEX and row["labels"][-1] == 106  # prompt masked, end-of-turn trained
@@ -43,6 +44,7 @@ def test_full_sft_lowers_loss_and_masks_prompts(tiny_dir, tmp_path):
     losses = logged_losses(recipe)
     assert len(losses) == 6 and losses[-1] < losses[0] - 0.5, losses
     assert metrics["train_rows"] == 200
+    assert recipe.config.to_dict() == given  # the recipe (and trl's trainer) left the config as it was given
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "full")
     assert reloaded.config.model_type == "llama"
 

@@ -5,10 +5,9 @@ only when it runs. A user error ends in one line on stderr and exit status 2 (`y
 from __future__ import annotations
 
 import importlib
-import os
 import sys
 
-from yulan_tune.console import DEBUG_ENV, configure_logging, run_command
+from yulan_tune.console import configure_logging, run_command
 
 # command -> (module in yulan_tune.commands with main(argv) -> exit code, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -36,9 +35,8 @@ def _usage() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["--debug"]:
-        os.environ[DEBUG_ENV] = "1"
-        argv = argv[1:]
+    debug = argv[:1] == ["--debug"]
+    argv = argv[1:] if debug else argv
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(_usage())
         return 0
@@ -48,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     configure_logging()  # before the command's libraries are imported: some log at import
     module = importlib.import_module(f"yulan_tune.commands.{COMMANDS[command][0]}")
-    return run_command(f"yulan-tune {command}", module.main, rest)
+    return run_command(f"yulan-tune {command}", module.main, rest, debug=debug)
 
 
 if __name__ == "__main__":

@@ -39,17 +39,19 @@ def one_line(error: BaseException) -> str:
     return " | ".join(lines) if lines else type(error).__name__
 
 
-def run_command(prog: str, main: Callable[[list[str]], int | None], argv: Sequence[str] | None = None) -> int:
-    """Run a command's `main(argv)`, turning a user error into one line on stderr and exit status 2."""
+def run_command(prog: str, main: Callable[[list[str]], int | None], argv: Sequence[str] | None = None, *,
+                debug: bool = False) -> int:
+    """Run a command's `main(argv)`, turning a user error into one line on stderr and exit status 2 (raised as it is
+    with `debug` or YULAN_TUNE_DEBUG=1)."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    debug = debug or debug_enabled()
     configure_logging()
     try:
         return int(main(argv) or 0)
     except USER_ERRORS as error:
-        if debug_enabled():
+        if debug:
             raise
-        print(f"{prog}: error: {one_line(error)}", file=sys.stderr)
-        print(f"{prog}: (set {DEBUG_ENV}=1 or run `yulan-tune --debug ...` for the traceback)", file=sys.stderr)
+        print(f"{prog}: error: {one_line(error)} [traceback: yulan-tune --debug, or {DEBUG_ENV}=1]", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"\n{prog}: interrupted", file=sys.stderr)

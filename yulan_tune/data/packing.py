@@ -60,7 +60,11 @@ class TextTokenizer:
 
         local = Path(name_or_path).expanduser()
         self.name_or_path = str(local.resolve()) if local.exists() else str(name_or_path)
-        hf_tokenizer = AutoTokenizer.from_pretrained(self.name_or_path)  # never trust_remote_code
+        try:
+            hf_tokenizer = AutoTokenizer.from_pretrained(self.name_or_path)  # never trust_remote_code
+        except OSError as error:  # transformers' "not found / not reachable", in many words
+            raise FileNotFoundError(f"tokenizer {str(name_or_path)!r}: no such local directory, and the hub does not "
+                                    f"have it or is not reachable ({type(error).__name__})") from error
         if hf_tokenizer.eos_token_id is None:
             raise ValueError(f"tokenizer {self.name_or_path}: has no EOS token; packing needs one between documents")
         backend = getattr(hf_tokenizer, "backend_tokenizer", None)
