@@ -14,7 +14,8 @@ from typing import Any
 
 import torch
 
-IGNORE_INDEX = -100
+from yulan_tune.conventions import IGNORE_INDEX
+
 
 # ----------------------------------------------------------------------------------------- counting what is trained
 

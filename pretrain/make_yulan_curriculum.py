@@ -1,6 +1,6 @@
 """Write YuLan-Mini's curriculum as yulan_tune curriculum files (`pretrain/curriculum/yulan_mini*.yaml`).
 
-    python pretrain/make_yulan_curriculum.py [--source ../shared/yulan/curriculum.json] [--out pretrain/curriculum]
+    python pretrain/make_yulan_curriculum.py --source curriculum.json [--out pretrain/curriculum]
 
 The source lists, per phase, the realized tokens of every subset (the reference's data_mix files, "Number of Selected
 Tokens(B)"; docs/yulan_reference.md 3.5, 5). Two files come out:
@@ -16,9 +16,8 @@ import argparse
 import json
 from pathlib import Path
 
-from yulan_tune.paths import PRETRAIN_DIR, REPO_ROOT
+from yulan_tune.paths import PRETRAIN_DIR
 
-DEFAULT_SOURCE = REPO_ROOT.parent / "shared" / "yulan" / "curriculum.json"
 SEQ_LEN = {"4K": 4096, "28K": 28672}  # 28K annealing rows (docs/yulan_reference.md 4)
 
 
@@ -56,7 +55,9 @@ def render(phases: list[dict], title: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--source", default=str(DEFAULT_SOURCE), help="curriculum.json (realized tokens per phase)")
+    parser.add_argument("--source", required=True,
+                        help="curriculum.json: per phase, the realized tokens of every subset, collected from the "
+                             "data_mix/*.json files of the RUC-GSAI/YuLan-Mini repository")
     parser.add_argument("--out", default=str(PRETRAIN_DIR / "curriculum"), help="output directory")
     args = parser.parse_args(argv)
     phases = json.loads(Path(args.source).read_text())["phases"]

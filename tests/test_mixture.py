@@ -70,7 +70,7 @@ def test_yulan_mini_curriculum_files_hold_the_27_phases(tmp_path):
     assert [p.name for p in four_k.phases][-2:] == ["25", "26-4k"] and four_k.phases[-1].seq_len == 4096
     # the committed files are what the generator writes
     generator = runpy.run_path(str(PRETRAIN_DIR / "make_yulan_curriculum.py"))
-    assert generator["main"](["--out", str(tmp_path)]) == 0
+    assert generator["main"](["--source", str(SHARED_YULAN / "curriculum.json"), "--out", str(tmp_path)]) == 0
     for name in ("yulan_mini.yaml", "yulan_mini_4k.yaml"):
         assert (tmp_path / name).read_text() == (PRETRAIN_DIR / "curriculum" / name).read_text()
 
