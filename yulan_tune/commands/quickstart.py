@@ -17,7 +17,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--out", default="outputs/quickstart", help="output directory")
     parser.add_argument("--num-problems", type=int, default=200, help="held-out problems to score")
     parser.add_argument("--dpo", action="store_true",
-                        help="SFT with tiny_full_long.yaml (200-233 s measured), then DPO with dpo_tiny.yaml")
+                        help="SFT with tiny_full_long.yaml (1209 updates), then DPO with dpo_tiny.yaml")
     args = parser.parse_args(argv)
     result = run_quickstart(args.out, num_problems=args.num_problems, dpo=args.dpo)
     seconds = result.seconds
