@@ -126,6 +126,8 @@ class AnnealConfig(TrainingArguments):
     remove_unused_columns: bool = False
 
     def __post_init__(self):
+        if not torch.cuda.is_available():
+            self.dataloader_pin_memory = False  # nothing to pin for; torch warns on every dataloader otherwise
         self.decay = canonical_decay_shape(self.decay)
         self.token_budget = parse_token_count(self.tokens, "tokens")
         if self.token_budget < 1:
