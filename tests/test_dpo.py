@@ -15,6 +15,7 @@ from yulan_tune.data.preferences import math_preference_pairs, tokenize_preferen
 from yulan_tune.cli import main as cli_main
 from yulan_tune.dpo import DPOConfig, DPORecipe, parse_config, preference_method
 from yulan_tune.evaluation.preferences import completion_logps
+from yulan_tune.export import read_adapter_info
 from yulan_tune.paths import RECIPES_DIR
 
 N_PAIRS, N_HELDOUT = 16, 8
@@ -173,9 +174,11 @@ def test_qlora_dpo_gets_lora_gradients_after_reference_forwards(tiny_dir: Path, 
     assert trainer.model.get_base_model().is_loaded_in_4bit
     recorder = GradientRecorder()
     trainer.add_callback(recorder)
-    trainer.train()
+    recipe.run()
     # bitsandbytes trap 1 would zero every LoRA gradient after the first no-grad reference forward
     assert len(recorder.norms) == 2 and all(norm > 0 for norm in recorder.norms)
+    # the adapter says what it was trained on, so `yulan-tune merge` merges it into the dequantized 4-bit weights
+    assert read_adapter_info(tmp_path / "qlora") == {"base": str(tiny_dir), "quantization": "4bit"}
 
 
 def test_resume_from_checkpoint_matches_an_uninterrupted_run(tiny_dir: Path, tmp_path: Path) -> None:

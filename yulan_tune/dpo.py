@@ -47,7 +47,8 @@ from yulan_tune.data.preferences import (
     unpair,
 )
 from yulan_tune.data.records import SkipReport
-from yulan_tune.evaluation.exact_match import math_accuracy
+from yulan_tune.evaluation.exact_match import math_correct
+from yulan_tune.evaluation.paired import compare_paired
 from yulan_tune.evaluation.preferences import pair_logps, preference_metrics
 from yulan_tune.export import write_adapter_info
 from yulan_tune.loading import load_model, load_tokenizer, quantization_name
@@ -321,9 +322,9 @@ class DPORecipe:
         return use_console_progress(self.trainer, TrainingProgress(self.method))
 
     # evaluation -----------------------------------------------------------------------------------------------------
-    def math_accuracy(self, model: PreTrainedModel) -> float:
+    def math_correct(self, model: PreTrainedModel) -> list[bool]:
         problems = generate_problems(self.config.eval_math_problems, self.config.seed, split="test")
-        return math_accuracy(model, self.tokenizer, problems)
+        return math_correct(model, self.tokenizer, problems)
 
     def evaluate_heldout(self, model: PreTrainedModel) -> dict[str, float]:
         if self.reference_heldout is None or self.heldout is None:
@@ -337,8 +338,10 @@ class DPORecipe:
         metrics: dict[str, Any] = {"method": self.method, "loss_type": list(c.loss_type)}
         trainer = self.trainer or self.build_trainer()
         can_generate_before = not (_is_quantized(trainer.model) and not torch.cuda.is_available())
+        correct_before = None
         if c.eval_math_problems and can_generate_before and trainer.is_world_process_zero():
-            metrics["math_accuracy_before"] = self.math_accuracy(trainer.model)
+            correct_before = self.math_correct(trainer.model)
+            metrics["math_accuracy_before"] = sum(correct_before) / len(correct_before)
         result = trainer.train(resume_from_checkpoint=c.resume_from_checkpoint)
         metrics.update(train_loss=result.training_loss, train_rows=len(self.train_data),
                        skipped=dict(self.train_data.report.counts), train_seconds=round(time.time() - started, 1))
@@ -354,7 +357,10 @@ class DPORecipe:
                 metrics["heldout_before"] = preference_metrics(self.reference_heldout, self.reference_heldout)
                 metrics["heldout_after"] = self.evaluate_heldout(trainer.model)
             if c.eval_math_problems:
-                metrics["math_accuracy_after"] = self.math_accuracy(trainer.model)
+                correct_after = self.math_correct(trainer.model)
+                metrics["math_accuracy_after"] = sum(correct_after) / len(correct_after)
+                if correct_before is not None:  # the same problems before and after: which changed, and is it noise
+                    metrics["math_paired"] = compare_paired(correct_before, correct_after).as_dict()
             write_metrics(out, metrics)
         return metrics
 

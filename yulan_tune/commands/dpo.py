@@ -24,10 +24,13 @@ def main(argv: list[str]) -> int:
         lines.append(f"held-out pairs ({metrics['heldout_pairs']}): reward accuracy {before['reward_accuracy']:.3f} -> "
                      f"{after['reward_accuracy']:.3f}, log-prob accuracy {before['logp_accuracy']:.3f} -> "
                      f"{after['logp_accuracy']:.3f}")
-    if "math_accuracy_after" in metrics:
-        before = metrics.get("math_accuracy_before")
-        lines.append("held-out math exact-match " + (f"{before:.3f} -> " if before is not None else "")
-                     + f"{metrics['math_accuracy_after']:.3f}")
+    if "math_paired" in metrics:
+        paired = metrics["math_paired"]
+        lines.append(f"held-out math exact-match {paired['before']:.3f} -> {paired['after']:.3f} on {paired['n']} "
+                     f"problems: newly right {paired['newly_right']}, newly wrong {paired['newly_wrong']}, "
+                     f"McNemar p={paired['mcnemar_p']:.3g}")
+    elif "math_accuracy_after" in metrics:
+        lines.append(f"held-out math exact-match {metrics['math_accuracy_after']:.3f}")
     lines.append(f"saved {'adapter' if config.use_peft else 'model'} to {out}; metrics in {out / METRICS_FILE}")
     summary("dpo", lines)
     return 0

@@ -25,11 +25,14 @@ def main(argv: list[str]) -> int:
              f"fine-tuned in {seconds['sft'] - seconds['tiny']:.0f} s, train loss {result.sft['train_loss']:.4f}; "
              f"evaluated {args.num_problems} held-out problems; {seconds['evaluation']:.0f} s in all"]
     if result.dpo is not None:
-        dpo = result.dpo
-        lines.append(f"dpo math accuracy before={dpo['math_accuracy_before']:.3f} "
-                     f"after={dpo['math_accuracy_after']:.3f}, held-out preference accuracy "
-                     f"before={dpo['heldout_before']['reward_accuracy']:.3f} "
-                     f"after={dpo['heldout_after']['reward_accuracy']:.3f} model={result.dpo_dir}")
+        dpo, paired = result.dpo, result.dpo["math_paired"]
+        before, after = dpo["heldout_before"], dpo["heldout_after"]
+        lines.append(f"dpo preference accuracy on {dpo['heldout_pairs']} held-out pairs (log p(chosen) > log p(rejected)) "
+                     f"before={before['logp_accuracy']:.3f} after={after['logp_accuracy']:.3f}; implicit-reward "
+                     f"accuracy after={after['reward_accuracy']:.3f} (0.5 before by construction)")
+        lines.append(f"dpo math accuracy on {paired['n']} held-out problems before={paired['before']:.3f} "
+                     f"after={paired['after']:.3f}: newly right {paired['newly_right']}, newly wrong "
+                     f"{paired['newly_wrong']}, McNemar p={paired['mcnemar_p']:.3g} model={result.dpo_dir}")
     lines.append(f"accuracy before={result.accuracy_before:.3f} after={result.accuracy_after:.3f} "
                  f"model={result.model_dir}")
     write_metrics(args.out, {"accuracy_before": result.accuracy_before, "accuracy_after": result.accuracy_after,

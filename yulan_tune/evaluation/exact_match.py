@@ -47,6 +47,21 @@ def generate_answers(
     return completions
 
 
+def math_correct(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    problems: Sequence[MathProblem],
+    *,
+    max_new_tokens: int = 48,
+    batch_size: int = 32,
+    show_progress: bool = False,
+) -> list[bool]:
+    """For each problem, whether the extracted final answer equals the true answer."""
+    answers = generate_answers(model, tokenizer, [math_messages(p) for p in problems], max_new_tokens=max_new_tokens,
+                               batch_size=batch_size, show_progress=show_progress)
+    return [extract_answer(a) == p.answer for a, p in zip(answers, problems)]
+
+
 def math_accuracy(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -57,6 +72,6 @@ def math_accuracy(
     show_progress: bool = False,
 ) -> float:
     """Fraction of problems whose extracted final answer equals the true answer."""
-    answers = generate_answers(model, tokenizer, [math_messages(p) for p in problems], max_new_tokens=max_new_tokens,
-                               batch_size=batch_size, show_progress=show_progress)
-    return sum(extract_answer(a) == p.answer for a, p in zip(answers, problems)) / max(1, len(problems))
+    correct = math_correct(model, tokenizer, problems, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                           show_progress=show_progress)
+    return sum(correct) / max(1, len(problems))
