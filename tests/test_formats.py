@@ -123,6 +123,13 @@ def test_csv_multiline_field_reports_the_row_start(tmp_path: Path) -> None:
          "field 'output': missing (Alpaca rows need 'instruction' and 'output', 'input' is optional)"),
         ({"prompt": "a"}, "field 'completion': missing (prompt/completion rows need both)"),
         ({"text": ["x"]}, "field 'text': expected a string, got list"),
+        ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x.png"}}]},
+                       {"role": "assistant", "content": "b"}]},
+         "field 'messages[0].content[0].type': expected a text part, got type 'image_url' (YuLan models read text "
+         "only)"),
+        ({"messages": [{"role": "user", "content": [{"type": "text", "text": 5}]},
+                       {"role": "assistant", "content": "b"}]},
+         "field 'messages[0].content[0].text': expected a string, got int"),
         ({"question": "a", "answer": "b"},
          "no known format: expected a field 'messages', 'conversations' (ShareGPT), 'instruction'+'output' "
          "(Alpaca), 'prompt'+'completion' or 'text'; got fields ['answer', 'question']"),
@@ -211,3 +218,14 @@ def test_check_data_reports_counts_lengths_and_marks_trained_spans(tiny_dir: Pat
     out = capsys.readouterr().out
     rendered = out.split("trained tokens in «»:\n", 1)[1]
     assert "problems: none" in out and rendered.count("«") == 2  # both assistant turns of the ShareGPT sample
+
+
+def test_content_as_a_list_of_text_parts_is_joined(tmp_path: Path) -> None:
+    """The OpenAI / Hugging Face layout: content is a list of {"type": "text", "text": ...} parts."""
+    rows = [{"messages": [{"role": "user", "content": [{"type": "text", "text": "2+2"}, {"type": "text", "text": "?"}]},
+                          {"role": "assistant", "content": [{"type": "text", "text": "4"}]}]},
+            {"prompt": [{"role": "user", "content": [{"text": "Hi"}]}], "completion": "Hello"}]
+    examples, report = load_sft_examples(_write_jsonl(tmp_path / "parts.jsonl", rows))
+    assert not report
+    assert examples[0].messages == [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]
+    assert examples[1].messages == [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]

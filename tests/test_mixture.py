@@ -169,3 +169,41 @@ def test_phase_plans_continue_each_dataset_where_the_last_phase_stopped(packed):
     missing = Curriculum(phases=[Phase("p", {"nowhere": 64})], seq_len=seq, data_root="/nonexistent")
     with pytest.raises(CurriculumError, match=r"'nowhere': no prepared dataset at /nonexistent/nowhere .*prepare-data"):
         open_phase(plan_phases(missing, rows_per_step=1)[0], seed=0)
+
+
+def _write_data_mix(path: Path, manual: dict, directory: str = "/data/hf_dataset/YuLan-Mini/20240910_101112") -> Path:
+    """A data_mix file in the layout the reference's fetch_data.py writes (its train_circle_info)."""
+    path.write_text(json.dumps({
+        "Total Tokens(B)": 0.6,
+        "Total Huggingface Datasets Directory": directory,
+        "Number of Selected Tokens(B)": {"web-en": 0.4, "math-en": 0.2, "code-en": 0.0},
+        "Manual Selected Tokens(B)": manual,
+        "Token ID Files Information": {"web-en": [{"group index": 0, "huggingface datasets directory": "a/web-en_0",
+                                                  "token num(B)": 0.4, "token id file paths": ["x.jsonl"]}],
+                                       "math-en": []},
+    }))
+    return path
+
+
+def test_data_mix_layouts_of_every_phase(tmp_path):
+    # earlier phases: manual targets are plain numbers, the datasets directory a full path
+    early = read_data_mix(_write_data_mix(tmp_path / "01.json", {"web-en": 0.39, "math-en": 0.21, "code-en": 0.0}))
+    assert early.name == "20240910_101112"
+    assert early.tokens == {"web-en": 400_000_000, "math-en": 200_000_000}  # a subset with 0 selected is not a budget
+    assert early.metadata["manual_tokens_b"] == {"web-en": 0.39, "math-en": 0.21, "code-en": 0.0}
+    assert early.metadata["is_sft"] == [] and early.metadata["empty_subsets"] == ["code-en"]
+    # later phases: [target, is_sft flag]
+    late = read_data_mix(_write_data_mix(tmp_path / "20.json", {"web-en": [0.39, ""], "math-en": [0.21, "1"]},
+                                         directory="20_20241101_000000"))
+    assert late.name == "20_20241101_000000" and late.metadata["is_sft"] == ["math-en"]
+    assert late.metadata["file_groups"] == {"web-en": ["a/web-en_0"], "math-en": []}
+
+
+@pytest.mark.parametrize(("manual", "message"), [
+    ({"web-en": {"target": 0.4}}, r"field 'Manual Selected Tokens\(B\)'.'web-en': expected a number or \[number"),
+    ({"web-en": [0.4, "yes"]}, r"field 'Manual Selected Tokens\(B\)'.'web-en': expected the is_sft flag"),
+    ([0.4], r"field 'Manual Selected Tokens\(B\)': expected an object keyed by subset"),
+])
+def test_unknown_data_mix_layout_names_the_field(tmp_path, manual, message):
+    with pytest.raises(CurriculumError, match=message):
+        read_data_mix(_write_data_mix(tmp_path / "bad.json", manual))

@@ -107,27 +107,71 @@ class Curriculum:
 # ------------------------------------------------------------------------------------------------ reading files
 
 
+def _billions(value: Any, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise CurriculumError(f"{where}: expected a non-negative number of billions of tokens, got {value!r}")
+    return float(value)
+
+
+def _manual_target(value: Any, where: str) -> tuple[float, bool]:
+    """A "Manual Selected Tokens(B)" entry: a plain number (the reference's fetch_data.py writes the target alone) or
+    [number] / [number, is_sft flag] (later phases: flag "1" / 1 / true marks SFT-style data, "" / "0" / 0 not)."""
+    if isinstance(value, (list, tuple)) and 1 <= len(value) <= 2:
+        flag = value[1] if len(value) == 2 else ""
+        if flag not in ("", "0", "1", 0, 1, True, False, None):
+            raise CurriculumError(f"{where}: expected the is_sft flag '1' or '' after the target, got {flag!r}")
+        return _billions(value[0], where), flag in ("1", 1, True)
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return _billions(value, where), False
+    raise CurriculumError(f"{where}: expected a number or [number, is_sft flag], got {value!r}")
+
+
 def read_data_mix(path: str | os.PathLike) -> Phase:
-    """One phase from the reference's data_mix JSON; budgets = "Number of Selected Tokens(B)" (module docstring)."""
+    """One phase from the reference's data_mix JSON; budgets = "Number of Selected Tokens(B)" (module docstring).
+
+    Every layout the reference's fetch_data.py wrote is read: "Manual Selected Tokens(B)" values as plain numbers
+    (earlier phases) or [number, is_sft flag] (later ones), "Total Huggingface Datasets Directory" as a bare name or a
+    full path (its last part is the mix id). A field of another shape is a CurriculumError that names it."""
     path = Path(path)
-    data = json.loads(path.read_text(encoding="utf-8"))
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise CurriculumError(f"{path}: not a JSON data_mix file ({error})") from None
+    if not isinstance(data, Mapping):
+        raise CurriculumError(f"{path}: expected a JSON object (a YuLan data_mix file), got {type(data).__name__}")
     required = ("Total Tokens(B)", "Number of Selected Tokens(B)")
     missing = [key for key in required if key not in data]
     if missing:
         raise CurriculumError(f"{path}: not a YuLan data_mix file, missing {missing}")
     selected = data["Number of Selected Tokens(B)"]
-    tokens = {subset: round(billions * 1e9) for subset, billions in selected.items()}
-    manual = data.get("Manual Selected Tokens(B)", {})
-    groups = data.get("Token ID Files Information", {})
+    if not isinstance(selected, Mapping):
+        raise CurriculumError(f"{path}: field 'Number of Selected Tokens(B)': expected an object subset -> billions, "
+                              f"got {type(selected).__name__}")
+    billions = {str(subset): _billions(value, f"{path}: field 'Number of Selected Tokens(B)'.{subset!r}")
+                for subset, value in selected.items()}
+    tokens = {subset: round(value * 1e9) for subset, value in billions.items() if round(value * 1e9) > 0}
+    manual = data.get("Manual Selected Tokens(B)") or {}
+    groups = data.get("Token ID Files Information") or {}
+    for field_name, value in (("Manual Selected Tokens(B)", manual), ("Token ID Files Information", groups)):
+        if not isinstance(value, Mapping):
+            raise CurriculumError(f"{path}: field {field_name!r}: expected an object keyed by subset, got "
+                                  f"{type(value).__name__}")
+    targets = {str(subset): _manual_target(value, f"{path}: field 'Manual Selected Tokens(B)'.{subset!r}")
+               for subset, value in manual.items()}
+    mix_id = Path(str(data.get("Total Huggingface Datasets Directory") or path.stem)).name
     metadata = {
-        "mix_id": data.get("Total Huggingface Datasets Directory", path.stem),
-        "total_tokens_b": data["Total Tokens(B)"],
-        "manual_tokens_b": {subset: value[0] for subset, value in manual.items()},
-        "is_sft": sorted(subset for subset, value in manual.items() if len(value) > 1 and value[1] == "1"),
-        "file_groups": {subset: [g.get("huggingface datasets directory") for g in value] for subset, value in
-                        groups.items()},
+        "mix_id": mix_id,
+        "total_tokens_b": _billions(data["Total Tokens(B)"], f"{path}: field 'Total Tokens(B)'"),
+        "manual_tokens_b": {subset: target for subset, (target, _) in targets.items()},
+        "is_sft": sorted(subset for subset, (_, is_sft) in targets.items() if is_sft),
+        "empty_subsets": sorted(subset for subset in billions if subset not in tokens),
+        "file_groups": {str(subset): [group.get("huggingface datasets directory") for group in value
+                                      if isinstance(group, Mapping)] if isinstance(value, list) else []
+                        for subset, value in groups.items()},
     }
-    return Phase(name=str(metadata["mix_id"]), tokens=tokens, metadata=metadata)
+    if not tokens:
+        raise CurriculumError(f"{path}: field 'Number of Selected Tokens(B)': no subset has any tokens")
+    return Phase(name=mix_id, tokens=tokens, metadata=metadata)
 
 
 def _phase_from_mapping(entry: Mapping[str, Any], where: str, default_total: Any) -> Phase:

@@ -131,6 +131,8 @@ def check_messages(messages: list, where: str, name: str, *, require_assistant: 
         if role not in ROLES:
             raise DataFormatError(where, f"expected one of {'/'.join(ROLES)}, got {role!r}", field=f"{prefix}.role",
                                   reason="unknown_role")
+        if isinstance(content, (list, tuple)):
+            content = join_text_parts(content, where, f"{prefix}.content")
         if not isinstance(content, str):
             raise DataFormatError(where, f"expected a string, got {type(content).__name__}",
                                   field=f"{prefix}.content", reason="non_string_content")
@@ -139,6 +141,27 @@ def check_messages(messages: list, where: str, name: str, *, require_assistant: 
         raise DataFormatError(where, "expected at least one assistant turn (nothing to train on), got roles "
                               f"{[m['role'] for m in normalized]}", field=name, reason="no_assistant_turn")
     return normalized
+
+
+def join_text_parts(parts: list | tuple, where: str, name: str) -> str:
+    """Content given as a list of parts (the OpenAI and Hugging Face layout, `[{"type": "text", "text": ...}]`) as one
+    string: text parts concatenated in order, as Hugging Face chat templates render them. Any other part (an image,
+    audio) is refused: the YuLan models read text only."""
+    texts = []
+    for index, part in enumerate(parts):
+        field_name = f"{name}[{index}]"
+        if not isinstance(part, dict):
+            raise DataFormatError(where, f"expected a content part {{'type': 'text', 'text': ...}}, got "
+                                  f"{type(part).__name__}", field=field_name, reason="non_string_content")
+        kind = part.get("type", "text" if "text" in part else None)
+        if kind != "text":
+            raise DataFormatError(where, f"expected a text part, got type {kind!r} (YuLan models read text only)",
+                                  field=f"{field_name}.type", reason="non_text_content")
+        if not isinstance(part.get("text"), str):
+            raise DataFormatError(where, f"expected a string, got {type(part.get('text')).__name__}",
+                                  field=f"{field_name}.text", reason="non_string_content")
+        texts.append(part["text"])
+    return "".join(texts)
 
 
 def sharegpt_to_messages(turns: list, where: str, name: str = "conversations") -> list[dict]:
