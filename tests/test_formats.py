@@ -229,3 +229,17 @@ def test_content_as_a_list_of_text_parts_is_joined(tmp_path: Path) -> None:
     assert not report
     assert examples[0].messages == [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]
     assert examples[1].messages == [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".json", ".csv"])
+def test_a_file_that_is_not_utf8_is_one_line(tmp_path: Path, suffix: str) -> None:
+    path = tmp_path / f"latin1{suffix}"
+    good = {".jsonl": '{"text": "ok"}\n', ".json": "", ".csv": "text\nok\n"}[suffix]
+    bad = {".jsonl": '{"text": "caf\xe9"}\n', ".json": '[{"text": "caf\xe9"}]', ".csv": "caf\xe9\n"}[suffix]
+    path.write_bytes((good + bad).encode("latin-1"))
+    with pytest.raises(DataFormatError, match=r"not UTF-8 text \(byte 0xe9 at byte \d+ cannot be decoded\)") as error:
+        load_sft_examples(path)
+    assert str(error.value).startswith(f"{path}:2: " if suffix == ".jsonl" else f"{path}: ")
+    if suffix == ".jsonl":  # skip mode counts the line and keeps the rest
+        examples, report = load_sft_examples(path, on_bad_rows="skip")
+        assert len(examples) == 1 and report.counts == {"not_utf8": 1}

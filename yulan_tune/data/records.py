@@ -10,6 +10,7 @@ error can say file, line, field and what was expected (`DataFormatError`). One p
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 import os
@@ -194,16 +195,28 @@ def _iter_file(path: Path, errors: SkipReport | None) -> Iterator[Record]:
         raise DataFormatError(str(path), f"unsupported file type {suffix!r}: expected one of {', '.join(DATA_SUFFIXES)}")
 
 
+def not_utf8(where: str, error: UnicodeDecodeError) -> DataFormatError:
+    return DataFormatError(where, f"not UTF-8 text (byte 0x{error.object[error.start]:02x} at byte {error.start} "
+                           f"cannot be decoded); save the file as UTF-8", reason="not_utf8")
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise not_utf8(str(path), error) from None
+
+
 def _iter_jsonl(path: Path, errors: SkipReport | None) -> Iterator[Record]:
-    with path.open(encoding="utf-8") as handle:
-        for line_number, line in enumerate(handle, start=1):
-            if not line.strip():
+    with path.open("rb") as handle:  # bytes: a line that is not UTF-8 is reported with its number
+        for line_number, raw in enumerate(handle, start=1):
+            if not raw.strip():
                 continue  # blank lines carry no row
             where = format_where(str(path), line_number)
             try:
-                data = json.loads(line)
-            except json.JSONDecodeError as error:
-                problem = DataFormatError(
+                data = json.loads(raw.decode("utf-8"))
+            except (json.JSONDecodeError, UnicodeDecodeError) as error:
+                problem = not_utf8(where, error) if isinstance(error, UnicodeDecodeError) else DataFormatError(
                     where, f"invalid JSON ({error.msg} at column {error.colno}); expected one JSON object per line",
                     reason="invalid_json",
                 )
@@ -217,7 +230,7 @@ def _iter_jsonl(path: Path, errors: SkipReport | None) -> Iterator[Record]:
 
 
 def _iter_json(path: Path, errors: SkipReport | None) -> Iterator[Record]:
-    text = path.read_text(encoding="utf-8")
+    text = _read_text(path)
     try:
         data = json.loads(text)
     except json.JSONDecodeError as error:
@@ -254,7 +267,8 @@ def _iter_parquet(path: Path) -> Iterator[Record]:
 
 
 def _iter_csv(path: Path, delimiter: str) -> Iterator[Record]:
-    with path.open(encoding="utf-8", newline="") as handle:
+    text = _read_text(path)  # decoded whole: a CSV row can span lines, and a bad byte is reported with its offset
+    with io.StringIO(text, newline="") as handle:
         reader = csv.DictReader(handle, delimiter=delimiter)
         row_start = 2  # line 1 is the header
         for row in reader:
