@@ -41,6 +41,10 @@ MODULE = "benchmarks.dpo_throughput"
 CANDIDATE, BASELINE = "yulan_tune", "trl"
 
 
+# the recipe configs each side of the comparison starts from: full DPO of the real model on GPU, the tiny one on CPU
+GPU_RECIPE_CONFIG = "dpo_yulan_mini_instruct_80gb.yaml"
+CPU_RECIPE_CONFIG = "dpo_tiny.yaml"
+
 @dataclass
 class DPOBenchSettings:
     device: str
@@ -119,16 +123,14 @@ def prepare(args: argparse.Namespace, workdir: Path) -> DPOBenchSettings:
 
     model_dir = args.model_dir or default_model_dir(args.device, workdir)
     if args.device == "cuda":
-        config_path = RECIPE_CONFIGS / "dpo_yulan_mini_instruct_full.yaml"  # used once the recipe ships one
-        config = str(config_path) if config_path.exists() else None
+        config = str(RECIPE_CONFIGS / GPU_RECIPE_CONFIG)
         defaults = {"max_length": 2048, "per_device_train_batch_size": 4, "learning_rate": 5e-7, "beta": 0.1}
         max_lines = 200
     else:
-        config = str(RECIPE_CONFIGS / "dpo_tiny.yaml")
+        config = str(RECIPE_CONFIGS / CPU_RECIPE_CONFIG)
         defaults = {"max_length": 256, "per_device_train_batch_size": 8, "learning_rate": 5e-5, "beta": 0.1}
         max_lines = 40
-    if config:
-        defaults.update({k: v for k, v in read_yaml(config).items() if k in defaults})
+    defaults.update({k: v for k, v in read_yaml(config).items() if k in defaults})
     max_length = args.max_length or defaults["max_length"]
     rows = preference_rows(args.examples, seed=args.seed, max_lines=max_lines)
     kept = pairs_within(rows, load_tokenizer(model_dir), max_length)

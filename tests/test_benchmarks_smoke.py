@@ -140,3 +140,12 @@ def test_peak_rss_window_starts_at_reset():
     assert after_alloc >= before + 60
     reset_peak_memory("cpu")
     assert peak_memory("cpu")["peak_rss_mib"] < after_alloc - 60
+
+
+def test_benchmarks_start_from_shipped_recipe_configs():
+    """Each side of a comparison starts from a config the project ships (a missing one silently fell back before)."""
+    from benchmarks import dpo_throughput
+    from benchmarks.models_and_data import RECIPE_CONFIGS
+
+    for name in (dpo_throughput.GPU_RECIPE_CONFIG, dpo_throughput.CPU_RECIPE_CONFIG):
+        assert (RECIPE_CONFIGS / name).is_file(), name

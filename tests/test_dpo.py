@@ -23,6 +23,7 @@ N_PAIRS, N_HELDOUT = 16, 8
 
 def _config(tiny_dir: Path, out: Path, **overrides) -> DPOConfig:
     values = dict(model_name_or_path=str(tiny_dir), output_dir=str(out), num_bundled_pairs=N_PAIRS,
+                  eval_dataset="bundled:math_preferences",
                   num_heldout_pairs=N_HELDOUT, max_length=128, per_device_train_batch_size=4,
                   per_device_eval_batch_size=N_HELDOUT, max_steps=1, learning_rate=1e-3, logging_steps=1,
                   save_strategy="no", report_to="none", disable_tqdm=True, lr_scheduler_type="constant",
@@ -57,6 +58,18 @@ def test_dpo_loss_equals_the_formula_on_independent_logps(tiny_dir: Path, tmp_pa
     assert metrics["heldout_after"]["reward_accuracy"] == pytest.approx(((margins > 0).float().mean()).item())
     assert metrics["heldout_before"]["reward_accuracy"] == 0.5
     assert (Path(tmp_path / "dpo") / "model.safetensors").exists()
+    # the held-out pairs are scored with dropout off, and the model is handed back in the mode it was in
+    modes: list[bool] = []
+    handle = trainer.model.register_forward_pre_hook(lambda module, args: modes.append(module.training))
+    trainer.model.train()
+    recipe.evaluate_heldout(trainer.model)
+    handle.remove()
+    assert modes and not any(modes) and trainer.model.training
+
+
+def test_user_data_gets_no_bundled_heldout_pairs(tmp_path: Path) -> None:
+    """Held-out metrics on bundled math pairs say nothing about a run on the user's own data: none by default."""
+    assert DPOConfig(output_dir=str(tmp_path), dataset="mine.jsonl").eval_dataset is None
 
 
 def test_dpo_plus_nll_adds_the_mean_chosen_token_nll(tiny_dir: Path, tmp_path: Path) -> None:

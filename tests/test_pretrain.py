@@ -179,6 +179,10 @@ def test_tiny_pretraining_lowers_held_out_loss_and_logs_hidden_states(uninterrup
     factors = {entry["step"]: entry["lr_factor"] for entry in logs if "lr_factor" in entry}
     expected = [0.0, 0.5] + [1.0] * 9 + [0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * p / 5)) for p in range(5)]
     assert [factors[step] for step in range(1, 17)] == pytest.approx(expected, abs=1e-12)
+    # rows past a phase's last whole step are counted in each checkpoint's record and in the run's metrics
+    record = read_checkpoint_record(out / f"checkpoint-{2 * PHASE_STEPS}")
+    assert record["dropped_rows"] == uninterrupted["dropped_rows"][record["phase"]] >= 0
+    assert json.loads((out / "yulan_tune_metrics.json").read_text())["dropped_rows"] == uninterrupted["dropped_rows"]
     # both forms were written: the yulanmini model and its Llama conversion
     assert (out / "final" / "config.json").exists() and json.loads(
         (out / "final-llama" / "config.json").read_text())["model_type"] == "llama"

@@ -91,9 +91,9 @@ class DPOConfig(trl.DPOConfig, PostTrainingModelConfig):
     )
     dataset_split: str = field(default="train", metadata={"help": "split to read from dataset dirs / hub datasets"})
     eval_dataset: str | None = field(
-        default=MATH_PREFERENCES,
+        default=None,
         metadata={"help": f"held-out pairs scored before and after training ('{MATH_PREFERENCES}': its held-out "
-                          "problems)"},
+                          "problems); none by default"},
     )
     eval_dataset_split: str = field(default="test", metadata={"help": "split of eval_dataset for dirs / hub"})
     num_bundled_pairs: int = field(default=1000, metadata={"help": "training pairs generated for bundled data"})
@@ -281,8 +281,10 @@ class DPORecipe:
         if not _is_quantized(model):
             model.to(c.device)  # score the held-out pairs on the accelerator (the Trainer would move it there anyway)
         if self.heldout is not None and len(self.heldout):
-            # the policy before training is the reference of every method (LoRA B starts at zero)
-            self.reference_heldout = pair_logps(model, self.heldout, self.tokenizer.pad_token_id)
+            # the policy before training is the reference of every method (LoRA B starts at zero); a 4-bit model on
+            # CPU must not see an eval-mode forward before training (bitsandbytes trap 1)
+            can_eval = not (_is_quantized(model) and not torch.cuda.is_available())
+            self.reference_heldout = pair_logps(model, self.heldout, self.tokenizer.pad_token_id, eval_mode=can_eval)
         peft_config = trl.get_peft_config(c)
         callbacks = [LoraGradientGuard()] if c.use_peft else None
         train_dataset = self.train_data.to_dataset()

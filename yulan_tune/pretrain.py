@@ -260,7 +260,7 @@ class PretrainRecipe:
         def record(state) -> dict[str, Any]:  # the curriculum position, stored in every checkpoint's record
             return {"phase": plan.name, "phase_index": plan.index, "phase_start_step": run.start_step,
                     "phase_steps": plan.steps, "rows_per_step": plan.rows_per_step, "seq_len": plan.seq_len,
-                    "keep": state.global_step == run.end_step}
+                    "dropped_rows": plan.dropped_rows, "keep": state.global_step == run.end_step}
 
         trainer = YuLanTrainer(
             model=model, args=self.phase_args(run), train_dataset=dataset, eval_dataset=eval_datasets,
@@ -351,9 +351,11 @@ class PretrainRecipe:
         bar = TrainingProgress(self.description, total=sum(plan.steps for plan in plans[:stop]))
         for plan in plans[first:stop]:
             run = PhaseRun(plan=plan, start_step=start_step, resume_from=resume_from)
-            logger.info("phase %r: steps %d-%d, %d rows of %d tokens per step, %s", plan.name, run.start_step,
+            logger.info("phase %r: steps %d-%d, %d rows of %d tokens per step, %s%s", plan.name, run.start_step,
                         run.end_step, plan.rows_per_step, plan.seq_len,
-                        ", ".join(f"{name} {rows} rows" for name, rows in plan.rows.items()))
+                        ", ".join(f"{name} {rows} rows" for name, rows in plan.rows.items()),
+                        f"; {plan.dropped_rows} rows past the last whole step are not trained on"
+                        if plan.dropped_rows else "")
             trainer = self.make_trainer(model, tokenizer, run, schedule, eval_datasets, bar)
             output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
             metrics = dict(output.metrics)

@@ -44,11 +44,19 @@ def completion_logps(
     return torch.cat(values).cpu()
 
 
-def pair_logps(model: PreTrainedModel, pairs: TokenizedPreferences, pad_token_id: int) -> tuple[torch.Tensor,
-                                                                                               torch.Tensor]:
+def pair_logps(model: PreTrainedModel, pairs: TokenizedPreferences, pad_token_id: int, *, eval_mode: bool = True
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(chosen, rejected) summed response log-probs, with dropout off (`eval_mode`) unless the caller must keep the
+    model in train mode (a 4-bit model on CPU before training: docs/stack_notes.md, bitsandbytes trap 1)."""
     prompts = pairs.columns["prompt_ids"]
-    return (completion_logps(model, prompts, pairs.columns["chosen_ids"], pad_token_id=pad_token_id),
-            completion_logps(model, prompts, pairs.columns["rejected_ids"], pad_token_id=pad_token_id))
+    was_training = model.training
+    if eval_mode:
+        model.eval()
+    try:
+        return (completion_logps(model, prompts, pairs.columns["chosen_ids"], pad_token_id=pad_token_id),
+                completion_logps(model, prompts, pairs.columns["rejected_ids"], pad_token_id=pad_token_id))
+    finally:
+        model.train(was_training)
 
 
 def preference_metrics(
