@@ -175,6 +175,18 @@ def test_optimizer_state_and_schedule_from_checkpoint(workdir, layout, tmp_path)
     recipe = AnnealRecipe.from_pretrained(str(source), data=mix(data), tokens=tokens, output_dir=str(tmp_path / "o"),
                                           packed_data_dir=str(root / "packed"), **COMMON)
     assert recipe.optimizer_checkpoint.format == layout
+    if layout == "deepspeed_universal":
+        # the fp32 masters go into fp32 weights (bf16 autocast runs over them); into bf16 weights they would be
+        # rounded and trained without an fp32 copy, and a parameter without a master is not silently left as is
+        with pytest.raises(ValueError, match="fp32 master weights would be rounded"):
+            recipe.branch(str(tmp_path / "bf16"), dtype="bfloat16").load_model()
+        model = recipe.load_model()
+        assert all(p.dtype == torch.float32 for p in model.parameters())
+        master = next(iter(recipe.optimizer_checkpoint.params.values()))
+        saved_master, master.master_weight = master.master_weight, None
+        with pytest.raises(ValueError, match=r"fp32 master weights for \d+ of \d+ parameters"):
+            recipe.load_model()
+        master.master_weight = saved_master
     assert recipe.start_step == STABLE_STEPS and recipe.decay_steps == 10
     assert recipe.peak_lr == pytest.approx(STABLE_LR)  # the checkpoint's LR, not TrainingArguments.learning_rate
 

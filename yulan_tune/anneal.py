@@ -113,7 +113,10 @@ class AnnealConfig(TrainingArguments):
                                         "28723); default: the annealed model's"})
     export_dtype: str = field(default="auto", metadata={"help": "dtype of the export: auto (the model's), bfloat16, "
                                                                 "float32"})
-    dtype: str | None = field(default=None, metadata={"help": "model dtype: float32 (default on CPU), bfloat16"})
+    dtype: str | None = field(default=None, metadata={
+        "help": "dtype of the weights the optimizer updates: float32 (default; with bf16: true the forward and backward "
+                "run in bf16 autocast over fp32 master weights, as YuLan-Mini's run), or bfloat16 (no fp32 copy: less "
+                "memory, and updates smaller than bf16's resolution are lost)"})
 
     # YuLan-Mini's values for TrainingArguments fields (docs/yulan_reference.md 3.1), used when the checkpoint has none
     weight_decay: float = REFERENCE_WEIGHT_DECAY
@@ -270,24 +273,35 @@ class AnnealRecipe:
                                             "rope_theta": float(c.rope_theta)}
         model_config.max_position_embeddings = max(model_config.max_position_embeddings, c.seq_len)
         model_config.num_steps_trained_before_this_epoch = self.start_step  # reference bookkeeping (3.5)
-        dtype = c.dtype or ("bfloat16" if c.bf16 else "float32")
+        dtype = c.dtype or "float32"
+        saved = self.optimizer_checkpoint
+        copies_masters = c.load_master_weights and saved is not None and saved.format == "deepspeed_universal"
+        if copies_masters and dtype != "float32":
+            raise ValueError(f"dtype {dtype} with load_master_weights: the checkpoint's fp32 master weights would be "
+                             "rounded into bf16 parameters and trained without an fp32 copy. Leave dtype unset (fp32 "
+                             "masters, bf16 autocast with bf16: true) or set load_master_weights: false")
         model = load_model(self.source.model_dir, dtype=dtype, config=model_config)
         if not isinstance(model, YuLanMiniForCausalLM):
             raise TypeError(f"expected a YuLanMiniForCausalLM, got {type(model).__name__}")
-        saved = self.optimizer_checkpoint
-        if c.load_master_weights and saved is not None and saved.format == "deepspeed_universal":
+        if copies_masters:
             self._load_master_weights(model, saved)
         return model
 
     def _load_master_weights(self, model: PreTrainedModel, saved: CheckpointOptimizerState) -> None:
+        """Every parameter from the checkpoint's fp32 master weight (the released safetensors are bf16 casts of
+        them); a parameter without one is an error, not a silent bf16 start."""
         params = dict(model.named_parameters())
-        copied = 0
+        masters = {name: state.master_weight for name, state in saved.params.items()
+                   if state.master_weight is not None and name in params}
+        missing = sorted(set(params) - set(masters))
+        if missing:
+            raise ValueError(f"{saved.source}: fp32 master weights for {len(masters)} of {len(params)} parameters; "
+                             f"none for {missing[:3]}{' ...' if len(missing) > 3 else ''}. Set load_master_weights: "
+                             "false to start from the model's own weights")
         with torch.no_grad():
-            for name, state in saved.params.items():
-                if state.master_weight is not None and name in params:
-                    params[name].copy_(state.master_weight.reshape(params[name].shape))
-                    copied += 1
-        logger.info("copied %d fp32 master weights from %s", copied, saved.source)
+            for name, master in masters.items():
+                params[name].copy_(master.reshape(params[name].shape))
+        logger.info("copied %d fp32 master weights from %s", len(masters), saved.source)
 
     def build_dataset(self) -> MixtureDataset:
         """The data mix as the pretraining mixture: round(weight x rows) rows of each source in one seeded order;
