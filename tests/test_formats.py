@@ -12,7 +12,7 @@ import pytest
 
 from yulan_tune.cli import main as cli_main
 from yulan_tune.data.formats import length_stats, load_sft_examples
-from yulan_tune.data.records import DataFormatError, iter_records
+from yulan_tune.data.records import DataFormatError, iter_records, parse_columns
 
 # one row per format, and the messages each one must normalize to (written by hand, not by the parser)
 ROWS = [
@@ -243,3 +243,19 @@ def test_a_file_that_is_not_utf8_is_one_line(tmp_path: Path, suffix: str) -> Non
     if suffix == ".jsonl":  # skip mode counts the line and keeps the rest
         examples, report = load_sft_examples(path, on_bad_rows="skip")
         assert len(examples) == 1 and report.counts == {"not_utf8": 1}
+
+
+def test_column_mapping_reads_other_field_names(tmp_path: Path, tiny_dir, capsys) -> None:
+    """Datasets with their own field names are used as they are, through `columns` (config, API and CLI)."""
+    path = _write_jsonl(tmp_path / "qa.jsonl", [{"question": "2+2?", "answer": "4"}, {"question": "3+3?", "answer": "6"}])
+    with pytest.raises(DataFormatError, match="no known format"):
+        load_sft_examples(path)
+    for columns in ({"prompt": "question", "completion": "answer"}, "prompt=question,completion=answer",
+                    '{"prompt": "question", "completion": "answer"}'):
+        examples, _ = load_sft_examples(path, columns=parse_columns(columns))
+        assert examples[0].messages == [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]
+        assert examples[0].where == f"{path}:1"  # the location is the file's
+    assert cli_main(["check-data", str(path), "--model", str(tiny_dir), "--columns", "prompt=question,completion=answer"]) == 0
+    assert "2 valid samples, 0 skipped" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="expected 'our_field=their_column"):
+        parse_columns("prompt:question")

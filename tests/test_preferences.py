@@ -188,3 +188,16 @@ def test_misread_operand_is_worked_out_consistently_from_the_wrong_number() -> N
         if len(steps) == 2:
             assert steps[1][0] == steps[0][3]  # the second step continues from the (wrong) first result
         assert extract_answer(wrong) == int(steps[-1][3]) != problem.answer
+
+
+def test_column_mapping_reads_chosen_and_rejected_messages(tmp_path: Path) -> None:
+    row = {"chosen_messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}],
+           "rejected_messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "5"}]}
+    path = tmp_path / "pairs.jsonl"
+    path.write_text(json.dumps(row) + "\n")
+    with pytest.raises(DataFormatError, match="field 'chosen': missing"):
+        load_preference_examples(path)
+    (pair,), report = load_preference_examples(path, columns={"chosen": "chosen_messages",
+                                                               "rejected": "rejected_messages"})
+    assert not report and pair.prompt == [{"role": "user", "content": "2+2?"}]
+    assert pair.chosen == [{"role": "assistant", "content": "4"}] and pair.rejected[0]["content"] == "5"

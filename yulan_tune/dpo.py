@@ -236,7 +236,8 @@ class DPORecipe:
         if is_bundled(source):
             check_bundled(source, (MATH_PREFERENCES,), "preference training")
             return math_preference_pairs(n_bundled, self.config.seed, bundled_split), SkipReport()
-        return load_preference_examples(source, on_bad_rows=self.config.on_bad_rows, split=split)
+        return load_preference_examples(source, on_bad_rows=self.config.on_bad_rows, split=split,
+                                        columns=self.config.columns)
 
     def prepare_data(self) -> None:
         c = self.config

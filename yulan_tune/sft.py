@@ -83,7 +83,8 @@ def load_conversations(source: str, config: SFTConfig) -> tuple[list[SFTExample]
     if is_bundled(source):
         check_bundled(source, (MATH_CHAT,), "SFT")
         return math_chat_examples(config.num_bundled_examples, config.seed), SkipReport()
-    return load_sft_examples(source, on_bad_rows=config.on_bad_rows, split=config.dataset_split)
+    return load_sft_examples(source, on_bad_rows=config.on_bad_rows, split=config.dataset_split,
+                             columns=config.columns)
 
 
 def tokenize_examples(

@@ -9,7 +9,7 @@ import yaml
 
 from yulan_tune.conventions import IGNORE_INDEX
 from yulan_tune.data.formats import SFT_FORMATS, length_stats, load_sft_examples, render_trained_spans, tokenize_example
-from yulan_tune.data.records import DataFormatError
+from yulan_tune.data.records import DataFormatError, parse_columns
 from yulan_tune.loading import load_tokenizer
 from yulan_tune.tiny import TINY, resolve_tiny
 
@@ -31,11 +31,14 @@ def main(argv: list[str]) -> int:
     """
     parser = argparse.ArgumentParser(prog="yulan-tune check-data", description=main.__doc__)
     parser.add_argument("data", help="JSONL / JSON / Parquet / CSV file, a directory of them, or a datasets dir")
-    parser.add_argument("--config", help="recipe YAML: model_name_or_path, max_length and chat_template are read")
+    parser.add_argument("--config", help="recipe YAML: model_name_or_path, max_length, chat_template and columns "
+                                          "are read")
     parser.add_argument("--model", help="model dir or hub id whose tokenizer to use (default: the tiny YuLan)")
     parser.add_argument("--max-length", type=int, help="token limit to check against (default: config max_length)")
     parser.add_argument("--split", default="train")
     parser.add_argument("--sample", type=int, default=0, help="index of the valid sample to render")
+    parser.add_argument("--columns", help="the dataset's column names for our fields, e.g. "
+                                          "'prompt=question,completion=answer' (default: the config's columns)")
     args = parser.parse_args(argv)
 
     config = _config_values(args.config)
@@ -44,7 +47,8 @@ def main(argv: list[str]) -> int:
     model = resolve_tiny(model or TINY, "model")
     tokenizer = load_tokenizer(model, chat_template=config.get("chat_template"))
 
-    examples, report = load_sft_examples(args.data, on_bad_rows="skip", split=args.split)
+    columns = parse_columns(args.columns or config.get("columns"))
+    examples, report = load_sft_examples(args.data, on_bad_rows="skip", split=args.split, columns=columns)
     formats = {name: 0 for name in SFT_FORMATS}
     for example in examples:
         formats[example.format] += 1

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 import statistics
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -230,9 +230,11 @@ def load_sft_examples(
     *,
     on_bad_rows: str = "raise",
     split: str = "train",
+    columns: Mapping[str, str] | None = None,
 ) -> tuple[list[SFTExample], SkipReport]:
-    """All rows of `source` (or several sources) parsed to `SFTExample`s, under the bad-row policy (`records`)."""
-    return load_examples(source, parse_sft_record, on_bad_rows=on_bad_rows, split=split)
+    """All rows of `source` (or several sources) parsed to `SFTExample`s, columns renamed by `columns` (e.g.
+    {"prompt": "question", "completion": "answer"}), under the bad-row policy (`yulan_tune.data.records`)."""
+    return load_examples(source, parse_sft_record, on_bad_rows=on_bad_rows, split=split, columns=columns)
 
 
 # ------------------------------------------------------------------------------------------------- inspecting rows

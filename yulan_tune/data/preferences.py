@@ -19,7 +19,7 @@ from __future__ import annotations
 import os
 import random
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -225,9 +225,11 @@ def load_preference_examples(
     *,
     on_bad_rows: str = "raise",
     split: str = "train",
+    columns: Mapping[str, str] | None = None,
 ) -> tuple[list[PreferenceExample | UnpairedExample], SkipReport]:
-    """All rows of `source` parsed and validated, under the bad-row policy (`yulan_tune.data.records`)."""
-    return load_examples(source, parse_preference_record, on_bad_rows=on_bad_rows, split=split)
+    """All rows of `source` parsed and validated, columns renamed by `columns` (e.g. {"chosen": "chosen_messages",
+    "rejected": "rejected_messages"}), under the bad-row policy (`yulan_tune.data.records`)."""
+    return load_examples(source, parse_preference_record, on_bad_rows=on_bad_rows, split=split, columns=columns)
 
 
 def unpair(examples: Sequence[PreferenceExample | UnpairedExample]) -> list[UnpairedExample]:

@@ -14,7 +14,7 @@ import io
 import json
 import logging
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -318,22 +318,54 @@ def _iter_hub_dataset(name: str, split: str) -> Iterator[Record]:
         yield Record(f"{name}:{split}", index, dict(row), "row")
 
 
+def parse_columns(value: Mapping[str, str] | str | None) -> dict[str, str]:
+    """A column mapping {our field: the dataset's column} (as LLaMA-Factory's dataset `columns`): a mapping, a JSON
+    object, or "prompt=question,completion=answer"."""
+    if value is None or value == "" or value == {}:
+        return {}
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("{"):
+            value = json.loads(text)
+        else:
+            pairs = [item.split("=", 1) for item in text.split(",") if item.strip()]
+            if any(len(pair) != 2 or not pair[0].strip() or not pair[1].strip() for pair in pairs):
+                raise ValueError(f"columns={value!r}: expected 'our_field=their_column,...' or a JSON object")
+            value = {ours.strip(): theirs.strip() for ours, theirs in pairs}
+    if not isinstance(value, Mapping) or not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+        raise ValueError(f"columns: expected a mapping of field names to column names, got {value!r}")
+    return dict(value)
+
+
+def rename_columns(record: Record, columns: Mapping[str, str]) -> Record:
+    """The record with the dataset's columns under our field names (absent columns are left absent)."""
+    if not columns:
+        return record
+    data = dict(record.data)
+    for ours, theirs in columns.items():
+        if theirs in data:
+            data[ours] = data.pop(theirs)
+    return Record(record.source, record.line, data, record.unit)
+
+
 def load_examples(
     source: str | os.PathLike | Sequence[str | os.PathLike],
     parse: Callable[[Record], Example],
     *,
     on_bad_rows: str = "raise",
     split: str = "train",
+    columns: Mapping[str, str] | None = None,
 ) -> tuple[list[Example], SkipReport]:
-    """Every row of `source` (or several sources) through `parse`, under the bad-row policy: "raise" stops at the
-    first bad row with its `DataFormatError`; "skip" keeps the good rows and counts each bad one in the report."""
+    """Every row of `source` (or several sources) through `parse`, its columns renamed by `columns` first, under the
+    bad-row policy: "raise" stops at the first bad row with its `DataFormatError`; "skip" keeps the good rows and
+    counts each bad one in the report."""
     report = SkipReport(on_bad_rows=check_bad_row_policy(on_bad_rows))
     examples: list[Example] = []
     sources = [source] if isinstance(source, (str, os.PathLike)) else list(source)
     for one_source in sources:
         for record in iter_records(one_source, split=split, errors=report if on_bad_rows == "skip" else None):
             try:
-                examples.append(parse(record))
+                examples.append(parse(rename_columns(record, columns or {})))
             except DataFormatError as error:
                 report.handle(error)
     if report.total_skipped:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import trl
 
-from yulan_tune.data.records import check_bad_row_policy
+from yulan_tune.data.records import check_bad_row_policy, parse_columns
 
 # every projection of a Llama block: LoRA on all of them is what QLoRA (Dettmers et al. 2023) found necessary to match
 # full fine-tuning; peft's default for Llama is q_proj and v_proj only
@@ -37,6 +37,9 @@ class PostTrainingModelConfig(trl.ModelConfig):
     on_bad_rows: str = field(
         default="raise", metadata={"help": "'raise' stops at the first invalid row; 'skip' counts and reports it"}
     )
+    columns: dict | str | None = field(default=None, metadata={
+        "help": "the dataset's column names for our fields, e.g. {prompt: question, completion: answer} or "
+                "'chosen=chosen_messages,rejected=rejected_messages' (dataset and eval_dataset)"})
 
     def resolve_model_fields(self) -> None:
         """The checks trl.ModelConfig.__post_init__ makes, and ours (TrainingArguments' __post_init__ runs instead
@@ -46,6 +49,7 @@ class PostTrainingModelConfig(trl.ModelConfig):
                                                                                None) is None:
             self.activation_checkpointing = True
         check_bad_row_policy(self.on_bad_rows)
+        self.columns = parse_columns(self.columns)
         if self.load_in_4bit and self.load_in_8bit:
             raise ValueError("load_in_4bit and load_in_8bit: choose one")
         if (self.load_in_4bit or self.load_in_8bit) and not self.use_peft:
