@@ -32,8 +32,7 @@ if __package__ in (None, ""):  # run as a file: make `benchmarks` importable
 from benchmarks.harness import benchmark_arguments, run_interleaved  # noqa: E402
 from benchmarks.measurement import measure_training  # noqa: E402
 from benchmarks.model_flops import Shape, add_mfu  # noqa: E402
-from benchmarks.models_and_data import (  # noqa: E402
-    RECIPE_CONFIGS, default_model_dir, preference_rows, read_yaml, write_jsonl)
+from benchmarks.models_and_data import RECIPE_CONFIGS, default_model_dir, preference_rows, read_yaml, write_jsonl  # noqa: E402
 from benchmarks.reporting import report_comparison  # noqa: E402
 from benchmarks.sft_throughput import gpu_options  # noqa: E402
 

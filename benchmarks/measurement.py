@@ -16,7 +16,6 @@ import torch
 
 from yulan_tune.conventions import IGNORE_INDEX
 
-
 # ----------------------------------------------------------------------------------------- counting what is trained
 
 

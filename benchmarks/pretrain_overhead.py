@@ -27,8 +27,7 @@ if __package__ in (None, ""):  # run as a file: make `benchmarks` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.harness import benchmark_arguments, run_interleaved  # noqa: E402
-from benchmarks.measurement import (  # noqa: E402
-    BatchStats, Measurement, StepClock, current_rss_mib, peak_memory, reset_peak_memory)
+from benchmarks.measurement import BatchStats, Measurement, StepClock, current_rss_mib, peak_memory, reset_peak_memory  # noqa: E402
 from benchmarks.model_flops import Shape, add_mfu  # noqa: E402
 from benchmarks.models_and_data import YULAN_MINI_SHAPE  # noqa: E402
 from benchmarks.reporting import report_comparison  # noqa: E402

@@ -42,10 +42,8 @@ if __package__ in (None, ""):  # run as a file (python benchmarks/sft_throughput
 from benchmarks.harness import benchmark_arguments, run_interleaved  # noqa: E402
 from benchmarks.measurement import measure_training  # noqa: E402
 from benchmarks.model_flops import Shape, add_mfu  # noqa: E402
-from benchmarks.models_and_data import (  # noqa: E402
-    RECIPE_CONFIGS, default_model_dir, read_yaml, sft_conversations, write_jsonl)
-from benchmarks.reporting import (  # noqa: E402
-    append_results, environment, report_comparison, save_json, single_row, single_summary)
+from benchmarks.models_and_data import RECIPE_CONFIGS, default_model_dir, read_yaml, sft_conversations, write_jsonl  # noqa: E402
+from benchmarks.reporting import append_results, environment, report_comparison, save_json, single_row, single_summary  # noqa: E402
 
 MODULE = "benchmarks.sft_throughput"
 CANDIDATE, BASELINE = "yulan_tune", "trl"

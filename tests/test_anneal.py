@@ -16,13 +16,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_optim_state import write_universal_checkpoint
 from transformers import AutoModelForCausalLM, LlamaForCausalLM, TrainerCallback, default_data_collator
 
-from test_optim_state import write_universal_checkpoint
 from yulan_tune.anneal import AnnealConfig, AnnealRecipe, parse_config
 from yulan_tune.cli import main as cli_main
 from yulan_tune.data.bundled import bundled_corpus
 from yulan_tune.data.curriculum import parse_token_count
+from yulan_tune.data.math_problems import generate_problems
 from yulan_tune.data.mixture import (
     MixtureDataset,
     largest_remainder,
@@ -31,11 +32,10 @@ from yulan_tune.data.mixture import (
     stream_names,
 )
 from yulan_tune.data.sources import pack_source
+from yulan_tune.paths import RECIPES_DIR
 from yulan_tune.tiny import tiny_pre_annealing
 from yulan_tune.training.checkpoints import resolve_source
 from yulan_tune.training.losses import chunked_causal_lm_loss
-from yulan_tune.data.math_problems import generate_problems
-from yulan_tune.paths import RECIPES_DIR
 from yulan_tune.training.mup import mup_adamw
 
 # a narrow yulanmini (hidden 128, 2 layers) so the whole module trains in seconds; the tiny tokenizer's vocabulary

@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
-from yulan_tune.data.preferences import math_preference_pairs, tokenize_preferences
 from yulan_tune.cli import main as cli_main
+from yulan_tune.data.preferences import math_preference_pairs, tokenize_preferences
 from yulan_tune.dpo import DPOConfig, DPORecipe, parse_config, preference_method
 from yulan_tune.evaluation.preferences import completion_logps
 from yulan_tune.export import read_adapter_info

@@ -259,3 +259,17 @@ def test_column_mapping_reads_other_field_names(tmp_path: Path, tiny_dir, capsys
     assert "2 valid samples, 0 skipped" in capsys.readouterr().out
     with pytest.raises(ValueError, match="expected 'our_field=their_column"):
         parse_columns("prompt:question")
+
+
+def test_plain_text_files_are_text_rows(tmp_path: Path, tiny_dir, capsys) -> None:
+    """.txt corpora: one document per file, or one per blank-line-separated block (`txt_split`)."""
+    path = tmp_path / "notes.txt"
+    path.write_text("First note,\ntwo lines.\n\n\nSecond note.\n  \nThird.\n\n", encoding="utf-8")
+    (whole,), _ = load_sft_examples(path)
+    assert whole.text == path.read_text() and whole.format == "text" and whole.where == f"{path}:1"
+    blocks, _ = load_sft_examples(path, txt_split="blank_lines")
+    assert [(b.text, b.line) for b in blocks] == [("First note,\ntwo lines.", 1), ("Second note.", 5), ("Third.", 7)]
+    assert cli_main(["check-data", str(path), "--model", str(tiny_dir), "--txt-split", "blank_lines"]) == 0
+    assert "3 valid samples, 0 skipped" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="txt_split must be 'file'"):
+        load_sft_examples(path, txt_split="paragraph")

@@ -227,3 +227,22 @@ def test_prepare_script_is_the_cli(tmp_path, tiny_dir, monkeypatch, capsys):
     with pytest.raises(SystemExit) as exit_info:
         runpy.run_path(script, run_name="__main__")
     assert exit_info.value.code == 2 and "nope.jsonl: no such file or directory" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("segment_chars", [2**20, 64])
+def test_text_files_with_blank_line_separated_documents(tmp_path, tiny_dir, segment_chars):
+    """--txt-split blank_lines: each block is a document (EOS after each), also when a block is longer than one
+    read (`segment_chars`) and has to be tokenized in parts; the stream equals tokenizing each block alone."""
+    from transformers import AutoTokenizer
+
+    blocks = ["def f(x):\n    return x + 1", "print('hello')\n" * 12 + "print('end')", "x = 1"]
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join(blocks) + "\n\n\n", encoding="utf-8")
+    manifest = prepare_packed_dataset([corpus], tiny_dir, tmp_path / "out", seq_len=8, txt_split="blank_lines",
+                                      segment_chars=segment_chars, progress=False)
+    assert manifest["documents"] == 3 and manifest["empty_documents"] == 0
+    tokenizer = AutoTokenizer.from_pretrained(tiny_dir)
+    expected = [t for block in blocks for t in tokenizer(block, add_special_tokens=False)["input_ids"] + [2]]
+    packed = PackedDataset(tmp_path / "out")
+    stream = [int(t) for i in range(len(packed)) for t in packed.row(i)]
+    assert stream == expected[:len(stream)] and len(expected) - len(stream) == manifest["dropped_final_partial_row_tokens"]

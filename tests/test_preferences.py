@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 
-from yulan_tune.data.records import DataFormatError, Record
 from yulan_tune.data.math_problems import extract_answer, generate_problems
 from yulan_tune.data.preferences import (
     REJECTION_KINDS,
@@ -22,6 +21,7 @@ from yulan_tune.data.preferences import (
     unpair,
     wrong_solution,
 )
+from yulan_tune.data.records import DataFormatError, Record
 
 SYSTEM = {"role": "system", "content": "Be brief."}
 USER = {"role": "user", "content": "2+2?"}

@@ -192,9 +192,8 @@ def test_pretrain_tiny_base_writes_the_quickstart_llama(tmp_path, tiny_dir):
     """The tiny base of the quickstart: a TINY_SHAPE yulanmini pretrained by this recipe, then converted to Llama."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from yulan_tune.tiny import TINY_SHAPE
     from yulan_tune.modeling.yulanmini import YuLanMiniForCausalLM
-    from yulan_tune.tiny import pretrain_tiny_base
+    from yulan_tune.tiny import TINY_SHAPE, pretrain_tiny_base
 
     out = pretrain_tiny_base(tmp_path / "tiny", tiny_dir, steps=4, seed=0)
     llama = AutoModelForCausalLM.from_pretrained(out)

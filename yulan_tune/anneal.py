@@ -51,6 +51,7 @@ from transformers import AutoConfig, PreTrainedModel, TrainingArguments, default
 from yulan_tune.console import write_metrics
 from yulan_tune.data.curriculum import parse_token_count
 from yulan_tune.data.mixture import MixtureDataset, largest_remainder, mixture_composition, parse_data_mix, stream_names
+from yulan_tune.data.records import check_txt_split
 from yulan_tune.data.sources import pack_source
 from yulan_tune.loading import load_model, load_tokenizer
 from yulan_tune.modeling.convert import to_llama
@@ -93,6 +94,8 @@ class AnnealConfig(TrainingArguments):
     rope_theta: float | None = field(
         default=None, metadata={"help": "new RoPE base (ABF; YuLan 10000 -> 490000); default: the checkpoint's"})
     text_field: str = field(default="text", metadata={"help": "JSONL / Parquet column holding the text"})
+    txt_split: str = field(default="file", metadata={
+        "help": "plain-text sources: one document per file, or 'blank_lines': documents separated by blank lines"})
     packed_data_dir: str | None = field(
         default=None, metadata={"help": "where raw sources are tokenized and packed (default: $YULAN_TUNE_HOME/packed)"})
     loss_chunk_size: int | None = field(
@@ -132,6 +135,7 @@ class AnnealConfig(TrainingArguments):
         if not torch.cuda.is_available():
             self.dataloader_pin_memory = False  # nothing to pin for; torch warns on every dataloader otherwise
         self.decay = canonical_decay_shape(self.decay)
+        check_txt_split(self.txt_split)
         self.token_budget = parse_token_count(self.tokens, "tokens")
         if self.token_budget < 1:
             raise ValueError(f"tokens={self.tokens!r}: the budget must be at least one token")
@@ -310,7 +314,7 @@ class AnnealRecipe:
         root = Path(c.packed_data_dir) if c.packed_data_dir else None
         names = stream_names(list(c.data))
         sources = {names[source]: pack_source(source, self.source.model_dir, c.seq_len, text_field=c.text_field,
-                                              cache_root=root) for source in c.data}
+                                              txt_split=c.txt_split, cache_root=root) for source in c.data}
         num_rows = self.decay_steps * c.per_device_train_batch_size * c.gradient_accumulation_steps * self.world_size
         rows = largest_remainder(num_rows, {names[source]: weight for source, weight in c.data.items()})
         mixture = MixtureDataset(sources, rows, seed=c.seed, shuffle_seed=c.seed)

@@ -33,8 +33,14 @@ from typing import Any
 
 import torch
 from accelerate import PartialState
-from transformers import AutoTokenizer, PreTrainedTokenizerBase, TrainerCallback, TrainingArguments
-from transformers import default_data_collator, set_seed
+from transformers import (
+    AutoTokenizer,
+    PreTrainedTokenizerBase,
+    TrainerCallback,
+    TrainingArguments,
+    default_data_collator,
+    set_seed,
+)
 
 from yulan_tune.console import write_metrics
 from yulan_tune.data.bundled import prepare_bundled_corpus

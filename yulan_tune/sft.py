@@ -27,7 +27,7 @@ from yulan_tune.data.bundled import MATH_CHAT, check_bundled, is_bundled, math_c
 from yulan_tune.data.chat import TokenizedConversation, tokenize_conversation, tokenize_text
 from yulan_tune.data.formats import SFTExample, load_sft_examples
 from yulan_tune.data.math_problems import generate_problems
-from yulan_tune.data.records import SkipReport
+from yulan_tune.data.records import SkipReport, check_txt_split
 from yulan_tune.evaluation.exact_match import math_accuracy
 from yulan_tune.export import write_adapter_info
 from yulan_tune.loading import load_model, load_tokenizer, quantization_name
@@ -51,6 +51,9 @@ class SFTConfig(trl.SFTConfig, PostTrainingModelConfig):
     overlong: str = field(
         default="truncate", metadata={"help": "rows longer than max_length: 'truncate' or 'drop' (both counted)"}
     )
+    txt_split: str = field(default="file", metadata={
+        "help": "plain-text files (.txt/.md): one `text` row per file, or 'blank_lines': one per blank-line-separated "
+                "block"})
     eval_math_problems: int = field(
         default=0, metadata={"help": "if > 0, measure held-out math exact-match on this many problems after training"}
     )
@@ -67,6 +70,7 @@ class SFTConfig(trl.SFTConfig, PostTrainingModelConfig):
             self.dataloader_pin_memory = False  # nothing to pin for; torch warns on every dataloader otherwise
         if self.overlong not in ("truncate", "drop"):
             raise ValueError(f"overlong must be 'truncate' or 'drop', got {self.overlong!r}")
+        check_txt_split(self.txt_split)
         self.resolve_model_fields()
         super().__post_init__()
 
@@ -84,7 +88,7 @@ def load_conversations(source: str, config: SFTConfig) -> tuple[list[SFTExample]
         check_bundled(source, (MATH_CHAT,), "SFT")
         return math_chat_examples(config.num_bundled_examples, config.seed), SkipReport()
     return load_sft_examples(source, on_bad_rows=config.on_bad_rows, split=config.dataset_split,
-                             columns=config.columns)
+                             columns=config.columns, txt_split=config.txt_split)
 
 
 def tokenize_examples(

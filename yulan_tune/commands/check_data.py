@@ -9,7 +9,7 @@ import yaml
 
 from yulan_tune.conventions import IGNORE_INDEX
 from yulan_tune.data.formats import SFT_FORMATS, length_stats, load_sft_examples, render_trained_spans, tokenize_example
-from yulan_tune.data.records import DataFormatError, parse_columns
+from yulan_tune.data.records import TXT_SPLITS, DataFormatError, parse_columns
 from yulan_tune.loading import load_tokenizer
 from yulan_tune.tiny import TINY, resolve_tiny
 
@@ -37,6 +37,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--max-length", type=int, help="token limit to check against (default: config max_length)")
     parser.add_argument("--split", default="train")
     parser.add_argument("--sample", type=int, default=0, help="index of the valid sample to render")
+    parser.add_argument("--txt-split", choices=TXT_SPLITS, default="file",
+                        help="plain-text files: one `text` row per file (default), or per blank-line-separated block")
     parser.add_argument("--columns", help="the dataset's column names for our fields, e.g. "
                                           "'prompt=question,completion=answer' (default: the config's columns)")
     args = parser.parse_args(argv)
@@ -48,7 +50,8 @@ def main(argv: list[str]) -> int:
     tokenizer = load_tokenizer(model, chat_template=config.get("chat_template"))
 
     columns = parse_columns(args.columns or config.get("columns"))
-    examples, report = load_sft_examples(args.data, on_bad_rows="skip", split=args.split, columns=columns)
+    examples, report = load_sft_examples(args.data, on_bad_rows="skip", split=args.split, columns=columns,
+                                         txt_split=args.txt_split)
     formats = {name: 0 for name in SFT_FORMATS}
     for example in examples:
         formats[example.format] += 1

@@ -8,7 +8,7 @@ import time
 
 from yulan_tune.console import elapsed, summary
 from yulan_tune.data.packing import prepare_packed_dataset
-from yulan_tune.data.records import BAD_ROW_POLICIES
+from yulan_tune.data.records import BAD_ROW_POLICIES, TXT_SPLITS
 
 
 def main(argv: list[str]) -> int:
@@ -32,13 +32,16 @@ def main(argv: list[str]) -> int:
                         help="longest text tokenized in one piece; longer documents are cut at token boundaries")
     parser.add_argument("--on-bad-rows", choices=BAD_ROW_POLICIES, default="raise",
                         help="stop at the first bad row (raise, the default), or count and skip bad rows (skip)")
+    parser.add_argument("--txt-split", choices=TXT_SPLITS, default="file",
+                        help="plain-text files: one document per file (default), or documents separated by blank lines")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     started = time.time()
     manifest = prepare_packed_dataset(
         args.sources, args.tokenizer, args.out, seq_len=args.seq_len, text_field=args.text_field,
         split=args.split, num_workers=args.workers, memory_budget_mb=args.memory_budget_mb, unit_mb=args.unit_mb,
-        segment_chars=args.segment_chars, on_bad_rows=args.on_bad_rows, progress=not args.no_progress,
+        segment_chars=args.segment_chars, on_bad_rows=args.on_bad_rows, txt_split=args.txt_split,
+        progress=not args.no_progress,
     )
     skipped = sum(manifest["bad_rows"].values())
     lines = [f"{manifest['documents']:,} documents -> {manifest['rows']:,} rows of {manifest['seq_len']} tokens "

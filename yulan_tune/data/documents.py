@@ -17,13 +17,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from yulan_tune.data.records import DataFormatError, SkipReport, load_hub_dataset, load_saved_dataset
+from yulan_tune.data.records import (
+    BLANK_LINES,
+    TEXT_SUFFIXES,
+    DataFormatError,
+    SkipReport,
+    load_hub_dataset,
+    load_saved_dataset,
+)
 
 logger = logging.getLogger(__name__)
 
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
 PARQUET_SUFFIXES = (".parquet",)
-TEXT_SUFFIXES = (".txt", ".md", ".text")
 
 
 @dataclass(frozen=True)
@@ -48,6 +54,7 @@ class PrepareSettings:
     # longest text tokenized in one piece; longer documents are cut at pre-tokenizer boundaries (`_cut_position`).
     # Part of the settings (not derived from the worker count) so the output never depends on the number of workers.
     segment_chars: int = 2**20
+    txt_split: str = "file"  # plain-text files: one document each ("file"), or documents between blank lines
 
 
 def _is_saved_dataset(path: Path) -> bool:
@@ -74,7 +81,7 @@ def _file_pieces(path: Path, settings: PrepareSettings) -> list[Piece]:
     raise DataFormatError(
         str(path),
         f"unsupported file type {suffix!r}: expected JSON Lines ({', '.join(JSONL_SUFFIXES)}), Parquet, or text "
-        f"({', '.join(TEXT_SUFFIXES)}; one document per file)",
+        f"({', '.join(TEXT_SUFFIXES)}; one document per file, or per blank-line-separated block with txt_split)",
     )
 
 
@@ -275,8 +282,12 @@ def _split_long(text: str, max_chars: int) -> Iterator[str]:
     yield text[start:]
 
 
-def _iter_text_file(piece: Piece, settings: PrepareSettings, report: SkipReport, stats: UnitStats) -> Iterator[tuple[str, bool]]:
+def _iter_text_file(piece: Piece, settings: PrepareSettings, report: SkipReport, stats: UnitStats
+                    ) -> Iterator[tuple[str, bool]]:
     """A text file is one document, read in parts of at most `max_chars` so that a huge file never sits in memory."""
+    if settings.txt_split == "blank_lines":
+        yield from _iter_blank_line_documents(piece, settings, report, stats)
+        return
     max_chars = settings.segment_chars
     parts = 0
     try:
@@ -299,6 +310,36 @@ def _iter_text_file(piece: Piece, settings: PrepareSettings, report: SkipReport,
                                       f"{max_chars}-character read); the document ends there", reason="not_utf8"))
     stats.split_documents += parts > 1
     yield "", True  # the document ends here (a file with no text counts as an empty document)
+
+
+def _iter_blank_line_documents(piece: Piece, settings: PrepareSettings, report: SkipReport, stats: UnitStats
+                               ) -> Iterator[tuple[str, bool]]:
+    """A text file whose documents are separated by blank lines, read `segment_chars` at a time: the documents a read
+    completes are yielded whole, the last one carries over; one longer than a read is yielded in parts."""
+    max_chars = settings.segment_chars
+    carry, continued = "", False  # continued: the carried text continues a document already partly yielded
+    try:
+        with open(piece.source, encoding="utf-8", newline="") as handle:
+            while True:
+                chunk = handle.read(max_chars)
+                blocks = BLANK_LINES.split(carry + chunk)
+                complete, carry = (blocks, "") if not chunk else (blocks[:-1], blocks[-1])
+                for block in complete:
+                    if block.strip() or continued:
+                        yield block, True
+                    continued = False
+                if not chunk:
+                    break
+                if len(carry) >= max_chars:  # one document longer than a read: yield a part, keep reading it
+                    cut = _cut_position(carry, 0, len(carry))
+                    yield carry[:cut], False
+                    stats.split_documents += not continued
+                    carry, continued = carry[cut:], True
+    except UnicodeDecodeError as error:
+        report.handle(DataFormatError(piece.source, f"not UTF-8 ({error.reason} near byte {error.start} of a "
+                                      f"{max_chars}-character read); the file ends there", reason="not_utf8"))
+        if continued:
+            yield "", True
 
 
 def iter_segments(piece: Piece, settings: PrepareSettings, report: SkipReport,

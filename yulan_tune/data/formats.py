@@ -231,10 +231,13 @@ def load_sft_examples(
     on_bad_rows: str = "raise",
     split: str = "train",
     columns: Mapping[str, str] | None = None,
+    txt_split: str = "file",
 ) -> tuple[list[SFTExample], SkipReport]:
     """All rows of `source` (or several sources) parsed to `SFTExample`s, columns renamed by `columns` (e.g.
-    {"prompt": "question", "completion": "answer"}), under the bad-row policy (`yulan_tune.data.records`)."""
-    return load_examples(source, parse_sft_record, on_bad_rows=on_bad_rows, split=split, columns=columns)
+    {"prompt": "question", "completion": "answer"}), plain-text files as `text` rows split by `txt_split`, under the
+    bad-row policy (`yulan_tune.data.records`)."""
+    return load_examples(source, parse_sft_record, on_bad_rows=on_bad_rows, split=split, columns=columns,
+                         txt_split=txt_split)
 
 
 # ------------------------------------------------------------------------------------------------- inspecting rows

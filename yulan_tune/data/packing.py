@@ -35,7 +35,7 @@ import numpy as np
 from yulan_tune.console import progress as progress_bar
 from yulan_tune.data.documents import Piece, PrepareSettings, UnitStats, group_units, iter_segments, plan_pieces
 from yulan_tune.data.packed import FORMAT_NAME, FORMAT_VERSION, token_dtype
-from yulan_tune.data.records import SkipReport, check_bad_row_policy
+from yulan_tune.data.records import SkipReport, check_bad_row_policy, check_txt_split
 
 logger = logging.getLogger(__name__)
 
@@ -254,6 +254,7 @@ def prepare_packed_dataset(
     unit_mb: float = 256,
     segment_chars: int = 2**20,
     on_bad_rows: str = "raise",
+    txt_split: str = "file",
     progress: bool = True,
 ) -> dict[str, Any]:
     """Tokenize and pack `sources` into `out_dir` (see the module docstring); returns the manifest.
@@ -267,7 +268,8 @@ def prepare_packed_dataset(
         raise ValueError(f"seq_len must be >= 2, got {seq_len}")
     out = Path(out_dir)
     settings = PrepareSettings(seq_len=seq_len, text_field=text_field, split=split, unit_bytes=int(unit_mb * 2**20),
-                               on_bad_rows=on_bad_rows, segment_chars=segment_chars)
+                               on_bad_rows=on_bad_rows, segment_chars=segment_chars,
+                               txt_split=check_txt_split(txt_split))
     text_tokenizer = TextTokenizer(tokenizer)
     dtype = token_dtype(text_tokenizer.vocab_size)
     pieces, ignored = plan_pieces(sources, settings)

@@ -14,6 +14,7 @@ import io
 import json
 import logging
 import os
+import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,12 +22,23 @@ from typing import Any, Literal, TypeVar
 
 logger = logging.getLogger(__name__)
 
-DATA_SUFFIXES = (".jsonl", ".ndjson", ".json", ".parquet", ".csv", ".tsv")
+TEXT_SUFFIXES = (".txt", ".md", ".text")
+DATA_SUFFIXES = (".jsonl", ".ndjson", ".json", ".parquet", ".csv", ".tsv", *TEXT_SUFFIXES)
+# how a plain-text file holds documents: the whole file is one, or documents are separated by blank lines
+TXT_SPLITS = ("file", "blank_lines")
+BLANK_LINES = re.compile(r"\n[ \t\r\f\v]*\n\s*")
 # reasons that change a row but keep it (counted, but not in `total_skipped`)
 KEPT_REASONS = frozenset({"too_long_truncated"})
 BAD_ROW_POLICIES = ("raise", "skip")
 BadRowPolicy = Literal["raise", "skip"]
 Example = TypeVar("Example")
+
+
+def check_txt_split(value: str) -> str:
+    if value not in TXT_SPLITS:
+        raise ValueError(f"txt_split must be 'file' (one document per text file) or 'blank_lines' (documents "
+                         f"separated by blank lines), got {value!r}")
+    return value
 
 
 def check_bad_row_policy(value: str, name: str = "on_bad_rows") -> str:
@@ -135,16 +147,19 @@ class SkipReport:
 
 
 def iter_records(
-    source: str | os.PathLike, *, split: str = "train", errors: SkipReport | None = None
+    source: str | os.PathLike, *, split: str = "train", errors: SkipReport | None = None, txt_split: str = "file"
 ) -> Iterator[Record]:
-    """Rows of a file, a directory of data files, a `datasets` saved directory, or a hub dataset name.
+    """Rows of a file, a directory of data files, a `datasets` saved directory, or a hub dataset name. A plain-text
+    file (TEXT_SUFFIXES) gives `{"text": ...}` rows: the whole file, or each blank-line-separated block
+    (`txt_split`).
 
     Unreadable rows (invalid JSON, a row that is not an object) raise `DataFormatError`, or, when `errors` is given,
     are counted there and skipped.
     """
+    check_txt_split(txt_split)
     path = Path(source)
     if path.is_file():
-        yield from _iter_file(path, errors)
+        yield from _iter_file(path, errors, txt_split)
     elif path.is_dir():
         if (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists():
             yield from _iter_saved_dataset(path, split)
@@ -160,7 +175,7 @@ def iter_records(
         if ignored:
             logger.warning("%s: ignoring %d non-data files: %s", path, len(ignored), ", ".join(ignored[:5]))
         for file in files:
-            yield from _iter_file(file, errors)
+            yield from _iter_file(file, errors, txt_split)
     elif _looks_like_path(str(source)):
         raise FileNotFoundError(f"{source}: no such file or directory")
     else:
@@ -181,9 +196,11 @@ def _as_object(data: Any, where: str, errors: SkipReport | None) -> dict | None:
     return None
 
 
-def _iter_file(path: Path, errors: SkipReport | None) -> Iterator[Record]:
+def _iter_file(path: Path, errors: SkipReport | None, txt_split: str = "file") -> Iterator[Record]:
     suffix = path.suffix.lower()
-    if suffix in (".jsonl", ".ndjson"):
+    if suffix in TEXT_SUFFIXES:
+        yield from _iter_text(path, txt_split)
+    elif suffix in (".jsonl", ".ndjson"):
         yield from _iter_jsonl(path, errors)
     elif suffix == ".json":
         yield from _iter_json(path, errors)
@@ -227,6 +244,23 @@ def _iter_jsonl(path: Path, errors: SkipReport | None) -> Iterator[Record]:
             row = _as_object(data, where, errors)
             if row is not None:
                 yield Record(str(path), line_number, row)
+
+
+def _iter_text(path: Path, txt_split: str) -> Iterator[Record]:
+    """A plain-text file as text rows; a block's line is the line it starts on."""
+    text = _read_text(path)
+    if txt_split == "file":
+        if text.strip():
+            yield Record(str(path), 1, {"text": text})
+        return
+    start = 0
+    for separator in [*BLANK_LINES.finditer(text), None]:
+        end = separator.start() if separator else len(text)
+        block = text[start:end]
+        if block.strip():
+            yield Record(str(path), text.count("\n", 0, start) + 1, {"text": block})
+        if separator:
+            start = separator.end()
 
 
 def _iter_json(path: Path, errors: SkipReport | None) -> Iterator[Record]:
@@ -355,6 +389,7 @@ def load_examples(
     on_bad_rows: str = "raise",
     split: str = "train",
     columns: Mapping[str, str] | None = None,
+    txt_split: str = "file",
 ) -> tuple[list[Example], SkipReport]:
     """Every row of `source` (or several sources) through `parse`, its columns renamed by `columns` first, under the
     bad-row policy: "raise" stops at the first bad row with its `DataFormatError`; "skip" keeps the good rows and
@@ -363,7 +398,8 @@ def load_examples(
     examples: list[Example] = []
     sources = [source] if isinstance(source, (str, os.PathLike)) else list(source)
     for one_source in sources:
-        for record in iter_records(one_source, split=split, errors=report if on_bad_rows == "skip" else None):
+        for record in iter_records(one_source, split=split, errors=report if on_bad_rows == "skip" else None,
+                                   txt_split=txt_split):
             try:
                 examples.append(parse(rename_columns(record, columns or {})))
             except DataFormatError as error:

@@ -13,15 +13,16 @@ from yulan_tune.data.packing import prepare_packed_dataset
 from yulan_tune.paths import cache_home
 
 
-def _packed_cache_dir(source: Path, tokenizer_dir: Path, seq_len: int, text_field: str, root: Path) -> Path:
+def _packed_cache_dir(source: Path, tokenizer_dir: Path, seq_len: int, text_field: str, txt_split: str,
+                      root: Path) -> Path:
     stat = source.stat()
     key = json.dumps([str(source.resolve()), stat.st_size, stat.st_mtime_ns, str(tokenizer_dir.resolve()), seq_len,
-                      text_field])
+                      text_field] + ([txt_split] if txt_split != "file" else []))  # older caches keep their key
     return root / f"{source.stem}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
 
 
 def pack_source(source: str, tokenizer_dir: Path, seq_len: int, *, cache_root: Path | None = None,
-                text_field: str = "text") -> PackedDataset:
+                text_field: str = "text", txt_split: str = "file") -> PackedDataset:
     """A packed dataset for one source: a `prepare-data` output dir is used as is (its row length must equal
     seq_len); raw files and dirs are tokenized and packed once into `cache_root` (EOS between documents). The bundled
     document sets (`yulan_tune.data.bundled.DOCUMENT_SETS`) are written out as JSONL first. The cache defaults to
@@ -41,9 +42,9 @@ def pack_source(source: str, tokenizer_dir: Path, seq_len: int, *, cache_root: P
                              f"{seq_len}; pack it again with `yulan-tune prepare-data --seq-len {seq_len}` or pass "
                              "the raw files")
         return packed
-    out = _packed_cache_dir(path, tokenizer_dir, seq_len, text_field, cache_root)
+    out = _packed_cache_dir(path, tokenizer_dir, seq_len, text_field, txt_split, cache_root)
     manifest = prepare_packed_dataset([path], tokenizer_dir, out, seq_len=seq_len, text_field=text_field,
-                                      num_workers=1, progress=False)
+                                      txt_split=txt_split, num_workers=1, progress=False)
     if manifest["rows"] == 0:
         raise ValueError(f"data source {source}: {manifest['tokenized_tokens']} tokens, less than one row of "
                          f"{seq_len}; add data or lower seq_len")
