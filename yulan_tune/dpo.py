@@ -112,6 +112,10 @@ class DPOConfig(trl.DPOConfig, PostTrainingModelConfig):
     # config; resolve_model_fields gives the same default under the current name
     gradient_checkpointing: bool | None = None
     activation_checkpointing: bool | None = None
+    # TrainingArguments' default is off; None: on where liger-kernel is installed and CUDA runs it
+    use_liger_kernel: bool | None = field(default=None, metadata={
+        "help": "Liger's fused RMSNorm / SwiGLU / RoPE / cross-entropy kernels; default: on where liger-kernel is "
+                "installed and CUDA is available"})
 
     def __post_init__(self):
         # trl defaults bf16 to True; on a CPU-only machine fp32 is both faster and exact, so default it off there.

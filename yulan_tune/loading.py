@@ -7,6 +7,7 @@ end turns); a model that cannot be found offline fails with one line that says w
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
 from typing import Any
@@ -115,6 +116,14 @@ def default_dtype() -> torch.dtype:
     return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
 
 
+def default_attn_implementation(dtype: torch.dtype) -> str | None:
+    """"flash_attention_2" on a CUDA device with flash-attn installed and a 16-bit dtype: its varlen kernels attend
+    within each document of a padding-free packed batch without a [tokens, tokens] mask; else None (transformers'
+    default, SDPA, which the packed batches reach through position_ids)."""
+    flash = torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None
+    return "flash_attention_2" if flash and dtype in (torch.bfloat16, torch.float16) else None
+
+
 def load_model(
     name_or_path: str | os.PathLike,
     *,
@@ -129,11 +138,14 @@ def load_model(
     """A causal LM from a hub id or local dir, optionally 4/8-bit quantized and with an (unmerged) LoRA adapter.
 
     yulanmini checkpoints load too: importing yulan_tune registers the architecture with the Auto classes.
+    `attn_implementation` None or "auto": flash-attention where it applies (`default_attn_implementation`).
     """
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype) if dtype != "auto" else None
     _check_local_path(name_or_path)
     dtype = dtype or default_dtype()
+    if attn_implementation in (None, "auto"):
+        attn_implementation = default_attn_implementation(dtype)
     if quantization is not None and device_map is None and torch.cuda.is_available():
         device_map = {"": torch.cuda.current_device()}
     if quantization is not None:

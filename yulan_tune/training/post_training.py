@@ -8,8 +8,10 @@ works here unchanged.
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass, field
 
+import torch
 import trl
 
 from yulan_tune.data.records import check_bad_row_policy, parse_columns
@@ -17,6 +19,10 @@ from yulan_tune.data.records import check_bad_row_policy, parse_columns
 # every projection of a Llama block: LoRA on all of them is what QLoRA (Dettmers et al. 2023) found necessary to match
 # full fine-tuning; peft's default for Llama is q_proj and v_proj only
 ALL_LINEAR_LAYERS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def liger_kernels_available() -> bool:
+    return torch.cuda.is_available() and importlib.util.find_spec("liger_kernel") is not None
 
 
 @dataclass
@@ -27,6 +33,10 @@ class PostTrainingModelConfig(trl.ModelConfig):
     model_name_or_path: str = field(default="tiny", metadata={"help": "hub id, local dir, or 'tiny'"})
     dtype: str | None = field(default=None, metadata={
         "help": "float32, bfloat16, float16, auto; default: bf16 where the GPU has it, else fp32"})
+    attn_implementation: str | None = field(default="auto", metadata={
+        "help": "auto (flash_attention_2 on CUDA where flash-attn is installed, else sdpa), sdpa, eager, "
+                "flash_attention_2"})
+
     lora_target_modules: list[str] | None = field(default_factory=lambda: list(ALL_LINEAR_LAYERS), metadata={
         "help": "modules that get LoRA adapters (default: every projection of a block)"})
     use_bnb_nested_quant: bool = field(default=True, metadata={
@@ -48,6 +58,8 @@ class PostTrainingModelConfig(trl.ModelConfig):
         if getattr(self, "activation_checkpointing", None) is None and getattr(self, "gradient_checkpointing",
                                                                                None) is None:
             self.activation_checkpointing = True
+        if getattr(self, "use_liger_kernel", None) is None:  # SFTConfig / DPOConfig default it to None: "auto"
+            self.use_liger_kernel = liger_kernels_available()
         check_bad_row_policy(self.on_bad_rows)
         self.columns = parse_columns(self.columns)
         if self.load_in_4bit and self.load_in_8bit:
