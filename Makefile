@@ -7,7 +7,7 @@ PIP := $(PY) -m pip
 TORCH_PIN ?= torch==2.13.0
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: quickstart test install install-test browser dpo-quickstart bench clean
+.PHONY: quickstart test install install-test browser dpo-quickstart bench gpu-check clean
 
 $(VENV)/.installed: pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
@@ -41,6 +41,10 @@ test: install-test
 
 bench: install-test
 	bash benchmarks/run_cpu.sh
+
+# On a machine with a CUDA GPU and its own Python (no .venv, no package index): the GPU tests and benchmarks, < 10 min.
+gpu-check:
+	bash benchmarks/gpu_check.sh
 
 clean:
 	rm -rf outputs .pytest_cache

@@ -6,8 +6,8 @@
 # Then on the accelerator machine:          bash benchmarks/run_gpu.sh               (carry: [".whl"])
 # and copy $OUT/RESULTS.md over benchmarks/RESULTS.md (the GPU rows are the only change it makes).
 #
-# Time: every step has a hard limit (60 + 110 + 80 + 100 + 90 = 440 s, plus ~30 s of wheels and preflight), so the
-# whole script ends inside 8 minutes even when a step hangs; a step that fails or runs out reports that and the
+# Time: every step has a hard limit (50 + 100 + 70 + 90 + 80 = 390 s, plus ~30 s of wheels and preflight), so the
+# whole script ends inside 7 minutes even when a step hangs (and `make gpu-check`, tests first, inside 10); a step that fails or runs out reports that and the
 # others still run. The limits are guesses for an H100 SXM (never run yet): the log prints each step's real time. TORCH_COMPILE=1 adds torch.compile to the recipe runs
 # (compilation of the 56-layer model costs about a minute per run: not inside the 8-minute budget).
 set -uo pipefail
@@ -19,7 +19,7 @@ mkdir -p "$OUT_DIR"
 LOG="$OUT_DIR/run_gpu.log"
 exec > >(tee -a "$LOG") 2>&1
 
-if compgen -G ".whl/*.whl" >/dev/null; then
+if [ -z "${YULAN_WHEELS_INSTALLED:-}" ] && compgen -G ".whl/*.whl" >/dev/null; then
   "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     || { echo "wheel install failed"; exit 1; }
   export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
@@ -66,19 +66,19 @@ step() {  # step NAME SECONDS COMMAND...: run one benchmark under a time limit; 
   echo "=== $name: exit $rc after $(( $(date +%s) - t0 ))s"
 }
 
-step "random full-size YuLan-Mini (Llama form)" 60 \
+step "random full-size YuLan-Mini (Llama form)" 50 \
   "$PY" -c "from benchmarks.models_and_data import save_full_size_llama; print(save_full_size_llama('$MODEL'))"
-step "SFT full fine-tune, 4K" 110 \
+step "SFT full fine-tune, 4K" 100 \
   "$PY" -m benchmarks.sft_throughput --device cuda --model-dir "$MODEL" --reps 1 --steps 10 --warmup-steps 3 \
   --examples 1200 --max-length 4096 --batch-size 1 "${COMPILE[@]}" --write-results --json "$OUT_DIR/sft_full_4k.json"
-step "QLoRA, 2K, peak memory" 80 \
+step "QLoRA, 2K, peak memory" 70 \
   "$PY" -m benchmarks.sft_throughput --device cuda --mode qlora --no-baseline --model-dir "$MODEL" --reps 1 \
   --steps 8 --warmup-steps 3 --examples 600 --max-length 2048 --batch-size 1 --write-results \
   --json "$OUT_DIR/sft_qlora_2k.json"
-step "DPO full fine-tune, 2K" 100 \
+step "DPO full fine-tune, 2K" 90 \
   "$PY" -m benchmarks.dpo_throughput --device cuda --model-dir "$MODEL" --reps 1 --steps 8 --warmup-steps 3 \
   --examples 400 --max-length 2048 --batch-size 2 "${COMPILE[@]}" --write-results --json "$OUT_DIR/dpo_full_2k.json"
-step "pretraining: yulanmini vs Llama, 4K rows" 90 \
+step "pretraining: yulanmini vs Llama, 4K rows" 80 \
   "$PY" -m benchmarks.pretrain_overhead --device cuda --reps 2 --steps 10 --warmup-steps 3 --write-results \
   --json "$OUT_DIR/pretrain_overhead.json"
 
