@@ -246,3 +246,17 @@ def test_text_files_with_blank_line_separated_documents(tmp_path, tiny_dir, segm
     packed = PackedDataset(tmp_path / "out")
     stream = [int(t) for i in range(len(packed)) for t in packed.row(i)]
     assert stream == expected[:len(stream)] and len(expected) - len(stream) == manifest["dropped_final_partial_row_tokens"]
+
+
+def test_the_same_tokenizer_in_another_directory_reuses_the_preparation(tmp_path, tiny_dir):
+    """A preparation is keyed by the tokenizer's content, not its path (pretraining twice into two output dirs with
+    `tokenizer: tiny` used to fail: "holds a preparation with different tokenizer")."""
+    import shutil
+
+    corpus = tmp_path / "doc.txt"
+    corpus.write_text("def f(x):\n    return x + 1\n" * 20)
+    copy = tmp_path / "tokenizer-copy"
+    shutil.copytree(tiny_dir, copy)
+    first = prepare_packed_dataset([corpus], tiny_dir, tmp_path / "out", seq_len=16, progress=False)
+    again = prepare_packed_dataset([corpus], copy, tmp_path / "out", seq_len=16, progress=False)
+    assert again == first and first["tokenizer"]["name_or_path"] == str(tiny_dir.resolve())

@@ -278,8 +278,9 @@ def prepare_packed_dataset(
         "format": FORMAT_NAME,
         "version": FORMAT_VERSION,
         "settings": dataclasses.asdict(settings),
-        "tokenizer": {"name_or_path": text_tokenizer.name_or_path, "fingerprint": text_tokenizer.fingerprint,
-                      "eos_token_id": text_tokenizer.eos_token_id, "vocab_size": text_tokenizer.vocab_size},
+        # the tokenizer by content: the same tokenizer saved in two places prepares the same data
+        "tokenizer": {"fingerprint": text_tokenizer.fingerprint, "eos_token_id": text_tokenizer.eos_token_id,
+                      "vocab_size": text_tokenizer.vocab_size},
         "units": [[dataclasses.asdict(piece) for piece in unit] for unit in units],
     }
     (out / "work").mkdir(parents=True, exist_ok=True)
@@ -340,12 +341,12 @@ def prepare_packed_dataset(
                     bar.update(record["bytes"])
                     bar.set_postfix(tokens=sum(r["tokens"] for r in records.values()))
 
-    manifest = _finalize(out, plan, units, records, dtype, buffer_rows, ignored)
+    manifest = _finalize(out, plan, units, records, dtype, buffer_rows, ignored, text_tokenizer.name_or_path)
     return manifest
 
 
 def _finalize(out: Path, plan: dict[str, Any], units: list[list[Piece]], records: dict[int, dict[str, Any]],
-              dtype: np.dtype, buffer_rows: int, ignored: list[str]) -> dict[str, Any]:
+              dtype: np.dtype, buffer_rows: int, ignored: list[str], tokenizer_source: str) -> dict[str, Any]:
     """Pack the units' leftovers (in unit order) into the tail shard and write the manifest last."""
     seq_len = plan["settings"]["seq_len"]
     tail_tmp = out / "shards" / "tail.bin.tmp"
@@ -369,7 +370,7 @@ def _finalize(out: Path, plan: dict[str, Any], units: list[list[Piece]], records
         "dtype": dtype.name,
         "eos_token_id": plan["tokenizer"]["eos_token_id"],
         "vocab_size": plan["tokenizer"]["vocab_size"],
-        "tokenizer": plan["tokenizer"],
+        "tokenizer": {**plan["tokenizer"], "name_or_path": tokenizer_source},
         "settings": plan["settings"],
         "shards": [shard for shard in shards if shard["rows"]],
         "rows": rows,
