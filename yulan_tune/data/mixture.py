@@ -8,7 +8,6 @@ is exhausted, and only then repeats (the passes are reported).
 
 from __future__ import annotations
 
-import json
 import math
 import zlib
 from collections.abc import Mapping, Sequence
@@ -19,6 +18,7 @@ import numpy as np
 
 from yulan_tune.data.curriculum import CurriculumError, PhasePlan
 from yulan_tune.data.packed import PackedDataset
+from yulan_tune.data.records import parse_mapping_text
 
 
 def largest_remainder(total: int, weights: Mapping[str, float], minimum: int = 0) -> dict[str, int]:
@@ -39,18 +39,13 @@ def parse_data_mix(value: Mapping[str, float] | str | None) -> dict[str, float]:
     Weights are normalized to sum to 1."""
     if value is None or value == "" or value == {}:
         raise ValueError("data: give at least one source, e.g. {'my_domain.jsonl': 0.3, 'replay.jsonl': 0.7}")
-    if isinstance(value, str):
-        text = value.strip()
-        if text.startswith("{"):
-            value = json.loads(text)
-        else:
-            pairs = [item.rsplit("=", 1) for item in text.split(",") if item.strip()]
-            if any(len(pair) != 2 for pair in pairs):
-                raise ValueError(f"data={value!r}: expected 'source=weight,source=weight' or a JSON object")
-            value = {source.strip(): float(weight) for source, weight in pairs}
+    value = parse_mapping_text(value, "data", "'source=weight,source=weight'")
     if not isinstance(value, Mapping):
         raise ValueError(f"data: expected a mapping source -> weight, got {type(value).__name__}")
-    weights = {str(source): float(weight) for source, weight in value.items()}
+    try:
+        weights = {str(source): float(weight) for source, weight in value.items()}
+    except (TypeError, ValueError):
+        raise ValueError(f"data: every weight must be a number, got {dict(value)}") from None
     bad = {source: weight for source, weight in weights.items() if not weight > 0 or not math.isfinite(weight)}
     if bad:
         raise ValueError(f"data: every weight must be a positive number, got {bad}")

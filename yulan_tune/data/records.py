@@ -352,20 +352,29 @@ def _iter_hub_dataset(name: str, split: str) -> Iterator[Record]:
         yield Record(f"{name}:{split}", index, dict(row), "row")
 
 
+def parse_mapping_text(value: Any, name: str, expected: str) -> Any:
+    """A mapping as the command line gives it: a JSON object, or "key=value,key=value" (values stay strings; a key
+    may itself contain "=", the last one separates). Anything but a string is returned as it is."""
+    if not isinstance(value, str):
+        return value
+    text = value.strip()
+    if text.startswith("{"):
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{name}={value!r}: invalid JSON ({error.msg} at column {error.colno})") from None
+    pairs = [item.rsplit("=", 1) for item in text.split(",") if item.strip()]
+    if any(len(pair) != 2 or not pair[0].strip() or not pair[1].strip() for pair in pairs):
+        raise ValueError(f"{name}={value!r}: expected {expected} or a JSON object")
+    return {key.strip(): item.strip() for key, item in pairs}
+
+
 def parse_columns(value: Mapping[str, str] | str | None) -> dict[str, str]:
     """A column mapping {our field: the dataset's column} (as LLaMA-Factory's dataset `columns`): a mapping, a JSON
     object, or "prompt=question,completion=answer"."""
     if value is None or value == "" or value == {}:
         return {}
-    if isinstance(value, str):
-        text = value.strip()
-        if text.startswith("{"):
-            value = json.loads(text)
-        else:
-            pairs = [item.split("=", 1) for item in text.split(",") if item.strip()]
-            if any(len(pair) != 2 or not pair[0].strip() or not pair[1].strip() for pair in pairs):
-                raise ValueError(f"columns={value!r}: expected 'our_field=their_column,...' or a JSON object")
-            value = {ours.strip(): theirs.strip() for ours, theirs in pairs}
+    value = parse_mapping_text(value, "columns", "'our_field=their_column,...'")
     if not isinstance(value, Mapping) or not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
         raise ValueError(f"columns: expected a mapping of field names to column names, got {value!r}")
     return dict(value)
