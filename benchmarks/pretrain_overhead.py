@@ -35,7 +35,7 @@ from benchmarks.reporting import report_comparison  # noqa: E402
 MODULE = "benchmarks.pretrain_overhead"
 CANDIDATE, BASELINE = "yulanmini", "llama"
 TINY_YULAN_SHAPE = dict(hidden_size=320, num_hidden_layers=4, num_attention_heads=5, num_key_value_heads=1,
-                        intermediate_size=832, vocab_size=4096)  # yulan_tune.modeling.tiny.TINY_SHAPE
+                        intermediate_size=832, vocab_size=4096)  # yulan_tune.tiny.TINY_SHAPE
 
 
 @dataclass
