@@ -16,11 +16,13 @@ yulanmini checkpoint with its AdamW state, to anneal from).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
@@ -137,23 +139,18 @@ def tiny_tokenizer(out_dir: str | os.PathLike | None = None) -> Path:
     return out
 
 
-class _staging:
+@contextlib.contextmanager
+def _staging(out: Path) -> Iterator[Path]:
     """A temporary sibling directory renamed to `out` on success, so an interrupted build leaves nothing behind."""
-
-    def __init__(self, out: Path) -> None:
-        self.out = out
-
-    def __enter__(self) -> Path:
-        self.out.parent.mkdir(parents=True, exist_ok=True)
-        self.path = Path(tempfile.mkdtemp(prefix=f".{self.out.name}-", dir=self.out.parent))
-        return self.path
-
-    def __exit__(self, error_type, error, traceback) -> None:
-        if error_type is None:
-            if self.out.exists():
-                shutil.rmtree(self.out)
-            self.path.rename(self.out)
-        shutil.rmtree(self.path, ignore_errors=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    try:
+        yield staging
+        if out.exists():
+            shutil.rmtree(out)
+        staging.rename(out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 # ------------------------------------------------------------------------------------------------ model
