@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from yulan_tune.cli import main as cli_main
-from yulan_tune.paths import RECIPES_DIR
+from yulan_tune.paths import PRETRAIN_DIR, RECIPES_DIR
 
 CONFIGS = RECIPES_DIR / "configs"
 
@@ -36,13 +36,13 @@ def test_dpo_family_config_runs(config, tiny_dir, tmp_path):
     assert result["heldout_pairs"] == 8 and 0 <= result["heldout_after"]["reward_accuracy"] <= 1
 
 
-def test_pretrain_config_runs_twice_into_two_output_directories(tmp_path, yulan_home, monkeypatch):
+def test_pretrain_config_runs_twice_into_two_output_directories(tmp_path, yulan_home):
     """`tokenizer: tiny` resolves to one cached tokenizer, and the packed data (data_root) is keyed by the tokenizer's
     content, so a second run with another output_dir reuses it instead of failing."""
-    monkeypatch.chdir(tmp_path)
     for out in ("first", "second"):
-        assert cli_main(["pretrain", "--config", str(CONFIGS / "pretrain_tiny.yaml"), "--output_dir", out,
-                         "--data_root", "data", "--stop_after_phase", "code", "--per_device_train_batch_size", "16",
+        assert cli_main(["pretrain", "--config", str(CONFIGS / "pretrain_tiny.yaml"), "--output_dir", str(tmp_path / out),
+                         "--curriculum", str(PRETRAIN_DIR / "curriculum" / "tiny.yaml"), "--data_root",
+                         str(tmp_path / "data"), "--stop_after_phase", "code", "--per_device_train_batch_size", "8",
                          "--eval_strategy", "no", "--eval_on_start", "false", "--save_steps", "1000",
                          "--report_to", "none", "--disable_tqdm", "true"]) == 0
         assert metrics(tmp_path / out)["phases_run"] == ["code"]
