@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -62,16 +62,8 @@ def math_correct(
     return [extract_answer(a) == p.answer for a, p in zip(answers, problems)]
 
 
-def math_accuracy(
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    problems: Sequence[MathProblem],
-    *,
-    max_new_tokens: int = 48,
-    batch_size: int = 32,
-    show_progress: bool = False,
-) -> float:
-    """Fraction of problems whose extracted final answer equals the true answer."""
-    correct = math_correct(model, tokenizer, problems, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                           show_progress=show_progress)
-    return sum(correct) / max(1, len(problems))
+def math_accuracy(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, problems: Sequence[MathProblem],
+                  **generation: Any) -> float:
+    """Fraction of problems whose extracted final answer equals the true answer (`generation`: `math_correct`'s
+    max_new_tokens, batch_size, show_progress)."""
+    return sum(math_correct(model, tokenizer, problems, **generation)) / max(1, len(problems))
