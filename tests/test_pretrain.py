@@ -193,9 +193,9 @@ def test_pretrain_tiny_base_writes_the_quickstart_llama(tmp_path, tiny_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from yulan_tune.modeling.yulanmini import YuLanMiniForCausalLM
-    from yulan_tune.tiny import TINY_SHAPE, pretrain_tiny_base
+    from yulan_tune.tiny import TINY_SHAPE, TinyPretraining, pretrain_tiny_base
 
-    out = pretrain_tiny_base(tmp_path / "tiny", tiny_dir, steps=4, seed=0)
+    out = pretrain_tiny_base(tmp_path / "tiny", tiny_dir, TinyPretraining(steps=4), seed=0)
     llama = AutoModelForCausalLM.from_pretrained(out)
     assert llama.config.model_type == "llama" and not llama.config.tie_word_embeddings
     assert {k: getattr(llama.config, k) for k in TINY_SHAPE} == TINY_SHAPE

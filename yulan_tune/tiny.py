@@ -17,6 +17,7 @@ yulanmini checkpoint with its AdamW state, to anneal from).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import os
@@ -53,13 +54,35 @@ TINY_SHAPE = dict(
     intermediate_size=832,
     vocab_size=4096,
 )
-TINY_CURRICULUM = PRETRAIN_DIR / "curriculum" / "tiny.yaml"
+TINY_CURRICULUM = PRETRAIN_DIR / "curriculum" / "tiny.yaml"  # the tests' default curriculum
 # Llama-3's pre-tokenizer split: with GPT-2's regex "<|end_header_id|>\n\n" tokenizes differently before text than
 # alone, which breaks prompt/completion boundaries (docs/stack_notes.md).
 LLAMA3_SPLIT = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
-DEFAULT_PRETRAIN_STEPS = 80
+
+
+@dataclasses.dataclass(frozen=True)
+class TinyPretraining:
+    """How `build_tiny` pretrains the quickstart's base; every field is part of the build's cache key.
+
+    The defaults are the measured choice of docs/tiny_model.md (README "The tiny model"): many small updates
+    (one row of `seq_len` tokens each) at a muP peak LR, a WSD schedule with a long decay, on a corpus that is
+    mostly worked math problems with some standard-library code.
+    """
+
+    steps: int = 80
+    batch_size: int = 4  # rows of the curriculum's seq_len per update
+    learning_rate: float = 1e-2
+    dim_model_base_lr: int = 64  # muP: the width the learning rate was tuned at
+    warmup_fraction: float = 1 / 15
+    decay_fraction: float = 1 / 5
+    end_lr_factor: float = 0.1
+    math_docs: int = 2000  # generated worked problems (train split) in the corpus
+    curriculum: str = "tiny"  # pretrain/curriculum/<name>.yaml
+
+
+DEFAULT_PRETRAINING = TinyPretraining()
 BUILD_VERSION = "5"  # bump when the build's code changes in a way its settings below do not capture
 # the tiny pre-annealing checkpoint: YuLan-Mini's stable-phase peak LR (docs/yulan_reference.md 3.1), and the 4K
 # stage's RoPE base (1.1), so that the anneal's ABF switch to 490000 is a real switch
@@ -78,11 +101,15 @@ def resolve_tiny(name_or_path: str, kind: TinyKind) -> str:
     return str(builders[kind]())
 
 
-def _settings_key(name: str, settings: dict[str, Any]) -> Path:
+def tiny_curriculum(name: str = "tiny") -> Path:
+    return PRETRAIN_DIR / "curriculum" / f"{name}.yaml"
+
+
+def _settings_key(name: str, settings: dict[str, Any], curriculum: str = "tiny") -> Path:
     """`$YULAN_TUNE_HOME/<name>-<hash of the settings>`: a build with other settings lives in another directory."""
-    curriculum = TINY_CURRICULUM.read_bytes()
     text = json.dumps({**settings, "version": BUILD_VERSION, "shape": TINY_SHAPE,
-                       "curriculum": hashlib.sha256(curriculum).hexdigest()}, sort_keys=True)
+                       "curriculum": hashlib.sha256(tiny_curriculum(curriculum).read_bytes()).hexdigest()},
+                      sort_keys=True)
     return cache_home() / f"{name}-{hashlib.sha256(text.encode()).hexdigest()[:12]}"
 
 
@@ -173,8 +200,9 @@ def tiny_llama_config(tokenizer: PreTrainedTokenizerFast) -> LlamaConfig:
     )
 
 
-def default_tiny_dir(seed: int = 0, pretrain_steps: int = DEFAULT_PRETRAIN_STEPS) -> Path:
-    return _settings_key("tiny-yulan", {"seed": seed, "pretrain_steps": pretrain_steps})
+def default_tiny_dir(seed: int = 0, pretraining: TinyPretraining = DEFAULT_PRETRAINING) -> Path:
+    return _settings_key("tiny-yulan", {"seed": seed, "pretraining": dataclasses.asdict(pretraining)},
+                         pretraining.curriculum)
 
 
 def build_tiny(
@@ -182,6 +210,7 @@ def build_tiny(
     *,
     seed: int = 0,
     pretrain_steps: int | None = None,
+    pretraining: TinyPretraining = DEFAULT_PRETRAINING,
     force: bool = False,
 ) -> Path:
     """Build (or reuse) the tiny YuLan in Llama form: tokenizer + briefly pretrained model. Returns its directory.
@@ -190,15 +219,17 @@ def build_tiny(
     the yulanmini form under `<dir>/yulanmini`. A directory that already holds a complete build (`tiny_build.json`)
     is returned as is unless `force`; the default directory is named by the build settings.
     """
-    steps = DEFAULT_PRETRAIN_STEPS if pretrain_steps is None else pretrain_steps
-    out = Path(out_dir) if out_dir is not None else default_tiny_dir(seed, steps)
+    if pretrain_steps is not None:
+        pretraining = dataclasses.replace(pretraining, steps=pretrain_steps)
+    steps = pretraining.steps
+    out = Path(out_dir) if out_dir is not None else default_tiny_dir(seed, pretraining)
     if (out / "tiny_build.json").exists() and not force:
         return out
     torch.manual_seed(seed)
     with _staging(out) as staging:
         tokenizer = build_tiny_tokenizer(staging, bundled_corpus(seed=seed))
         if steps:
-            pretrain_tiny_base(staging, staging, steps=steps, seed=seed)
+            pretrain_tiny_base(staging, staging, pretraining, seed=seed)
             # keep the yulanmini form (to continue pretraining or anneal from), drop the run's data and checkpoints
             run = staging / "pretrain"
             if (run / "run" / "final").is_dir():
@@ -210,48 +241,54 @@ def build_tiny(
             model.generation_config.eos_token_id = end_of_turn_ids(tokenizer)
             model.save_pretrained(str(staging))
         (staging / "tiny_build.json").write_text(json.dumps(
-            {"seed": seed, "pretrain_steps": steps, "version": BUILD_VERSION}, indent=2))
+            {"seed": seed, "pretraining": dataclasses.asdict(pretraining), "version": BUILD_VERSION}, indent=2))
     return out
 
 
-def pretrain_tiny_base(out_dir: str | os.PathLike, tokenizer_dir: str | os.PathLike, *, steps: int = 60,
-                       seed: int = 0) -> Path:
+def pretrain_tiny_base(out_dir: str | os.PathLike, tokenizer_dir: str | os.PathLike,
+                       pretraining: TinyPretraining = DEFAULT_PRETRAINING, *, seed: int = 0) -> Path:
     """Pretrain the quickstart's tiny YuLan with `PretrainRecipe` and write it to `out_dir` in Llama form (+ tokenizer).
 
-    A yulanmini model of TINY_SHAPE (muP init, z-loss, WSD with a short warmup and a cos2 decay over the last fifth)
-    trains `steps` steps on the bundled corpus in the two phases of `pretrain/curriculum/tiny.yaml`, scaled to
-    `steps`; then `to_llama`. The run's files stay in `out_dir/pretrain`.
+    A yulanmini model of TINY_SHAPE (muP init, z-loss, WSD with a short warmup and a cos2 decay) trains
+    `pretraining.steps` steps on the bundled corpus in the phases of its curriculum, scaled to that many steps; then
+    `to_llama`. The run's files stay in `out_dir/pretrain`.
     """
     out = Path(out_dir)
     work = out / "pretrain"
-    tiny = load_curriculum(TINY_CURRICULUM)
-    seq_len, batch = tiny.seq_len, 4
+    tiny = load_curriculum(tiny_curriculum(pretraining.curriculum))
+    seq_len, batch, steps = tiny.seq_len, pretraining.batch_size, pretraining.steps
     if steps < len(tiny.phases):
         raise ValueError(f"steps must be >= {len(tiny.phases)} (one per curriculum phase), got {steps}")
     # the tiny curriculum scaled to exactly `steps`: each phase keeps its share of the steps and its mix
     phase_steps = largest_remainder(steps, {p.name: p.total_tokens for p in tiny.phases}, minimum=1)
+    rows = {phase.name: largest_remainder(phase_steps[phase.name] * batch, phase.tokens) for phase in tiny.phases}
     work.mkdir(parents=True, exist_ok=True)
     scaled = {"seq_len": seq_len, "phases": [
-        {"name": phase.name, "tokens": {name: rows * seq_len for name, rows in
-                                        largest_remainder(phase_steps[phase.name] * batch, phase.tokens).items()}}
-        for phase in tiny.phases]}
+        {"name": name, "tokens": {source: n * seq_len for source, n in phase_rows.items()}}
+        for name, phase_rows in rows.items()]}
     curriculum_file = work / "curriculum.yaml"
     curriculum_file.write_text(json.dumps(scaled, indent=1))  # JSON is valid YAML
+    # tokenize only what the run reads: a stdlib source is ~3.4K tokens (~13 rows of 256); keep ~2.5x the rows read
+    stdlib_rows = sum(phase_rows.get("stdlib", 0) for phase_rows in rows.values())
+    stdlib_docs = min(400, max(8, stdlib_rows // 5))
     shape = {key: TINY_SHAPE[key] for key in _SHAPE_KEYS}
     with quiet_logging():
-        # tokenize only what the run can use (the stdlib sources are ~3.4K tokens each): ~2.5x the stdlib rows it reads
-        prepare_bundled_corpus(work / "data", tokenizer_dir, seq_len=seq_len, stdlib_docs=min(400, max(8, steps // 2)),
-                               seed=seed)
+        prepare_bundled_corpus(work / "data", tokenizer_dir, seq_len=seq_len, stdlib_docs=stdlib_docs,
+                               math_train=pretraining.math_docs, seed=seed)
         config = PretrainConfig(
             output_dir=str(work / "run"), curriculum=str(curriculum_file), data_root=str(work / "data"),
             tokenizer=str(tokenizer_dir), seq_len=seq_len, seed=seed,
-            model_config={**shape, "dim_model_base_lr": 64, "vocab_size": TINY_SHAPE["vocab_size"],
+            model_config={**shape, "dim_model_base_lr": pretraining.dim_model_base_lr,
+                          "vocab_size": TINY_SHAPE["vocab_size"],
                           "rope_parameters": {"rope_type": "default", "rope_theta": 490000.0},
                           "max_position_embeddings": 4096},
-            per_device_train_batch_size=batch, learning_rate=1e-2, warmup_steps=max(steps // 15, 1),
-            decay_steps=max(steps // 5, 1), decay_shape="cos2", end_lr_factor=0.1,
-            save_steps=10**9, keep_last_checkpoints=1, monitor_every_steps=max(steps // 5, 1), logging_steps=10,
-            report_to="none", export_llama=False, use_cpu=not torch.cuda.is_available(),
+            per_device_train_batch_size=batch, learning_rate=pretraining.learning_rate,
+            warmup_steps=max(round(steps * pretraining.warmup_fraction), 1),
+            decay_steps=max(round(steps * pretraining.decay_fraction), 1), decay_shape="cos2",
+            end_lr_factor=pretraining.end_lr_factor,
+            save_steps=10**9, keep_last_checkpoints=1, monitor_every_steps=max(steps // 5, 1),
+            logging_steps=max(steps // 20, 1), report_to="none", export_llama=False,
+            use_cpu=not torch.cuda.is_available(),
         )
         result = PretrainRecipe(config, description="building the tiny YuLan").run()
     llama = to_llama(Path(result["final"]), None, dtype=torch.float32)

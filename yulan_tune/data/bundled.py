@@ -9,6 +9,7 @@ Each name means one thing, of one kind:
     bundled:math_chat          conversations   a math question (user) and its worked solution (assistant)   SFT
     bundled:math_preferences   pairs           the correct solution (chosen) and a plausible wrong one       DPO
     bundled:math_text          documents       "Question: ...\\nAnswer: ..." as plain text (train split)
+    bundled:arithmetic         documents       the problems' calculation steps as tables ("7 + 5 = 12."), shuffled
     bundled:stdlib             documents       standard-library source files
     bundled:corpus             documents       bundled:stdlib followed by bundled:math_text
 """
@@ -17,23 +18,25 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import sysconfig
 from pathlib import Path
 
 from yulan_tune.data.formats import SFTExample
-from yulan_tune.data.math_problems import generate_problems, math_messages
+from yulan_tune.data.math_problems import arithmetic_facts, generate_problems, math_messages
 from yulan_tune.data.packing import prepare_packed_dataset
 
 BUNDLED_PREFIX = "bundled:"
 MATH_CHAT = "bundled:math_chat"
 MATH_PREFERENCES = "bundled:math_preferences"
 MATH_TEXT = "bundled:math_text"
+ARITHMETIC = "bundled:arithmetic"
 STDLIB = "bundled:stdlib"
 CORPUS = "bundled:corpus"
-DOCUMENT_SETS = (CORPUS, MATH_TEXT, STDLIB)
+DOCUMENT_SETS = (CORPUS, MATH_TEXT, ARITHMETIC, STDLIB)
 BUNDLED_NAMES = {MATH_CHAT: "conversations", MATH_PREFERENCES: "preference pairs", MATH_TEXT: "documents",
-                 STDLIB: "documents", CORPUS: "documents"}
+                 ARITHMETIC: "documents", STDLIB: "documents", CORPUS: "documents"}
 
 
 def is_bundled(name: str) -> bool:
@@ -78,6 +81,17 @@ def math_text_documents(n: int = 2000, seed: int = 0, split: str = "train") -> l
     return [f"Question: {p.question}\nAnswer: {p.solution}" for p in generate_problems(n, seed, split)]
 
 
+def arithmetic_documents(passes: int = 40, seed: int = 0, facts_per_document: int = 16) -> list[str]:
+    """`passes` shuffled passes over `arithmetic_facts()`, one fact per line, `facts_per_document` lines a document."""
+    rng = random.Random(seed)
+    facts = arithmetic_facts()
+    documents = []
+    for _ in range(passes):
+        order = rng.sample(facts, len(facts))
+        documents += ["\n".join(order[i:i + facts_per_document]) for i in range(0, len(order), facts_per_document)]
+    return documents
+
+
 def bundled_corpus(n_stdlib: int | None = 400, n_math: int = 2000, seed: int = 0) -> list[str]:
     return stdlib_documents(limit=n_stdlib) + math_text_documents(n_math, seed)
 
@@ -85,7 +99,8 @@ def bundled_corpus(n_stdlib: int | None = 400, n_math: int = 2000, seed: int = 0
 def bundled_documents(name: str) -> list[str]:
     """The documents of a bundled document set (DOCUMENT_SETS)."""
     check_bundled(name, DOCUMENT_SETS, "a text source")
-    return {CORPUS: bundled_corpus, MATH_TEXT: math_text_documents, STDLIB: stdlib_documents}[name]()
+    return {CORPUS: bundled_corpus, MATH_TEXT: math_text_documents, ARITHMETIC: arithmetic_documents,
+            STDLIB: stdlib_documents}[name]()
 
 
 def write_documents_jsonl(documents: list[str], path: str | os.PathLike) -> bool:
@@ -127,11 +142,13 @@ def prepare_bundled_corpus(
     heldout_docs: int = 20,
     math_train: int = 2000,
     math_test: int = 200,
+    arithmetic_passes: int = 40,
     seed: int = 0,
 ) -> dict[str, Path]:
     """The bundled corpus as packed datasets under `data_root`: `stdlib` (the first `stdlib_docs` standard-library
     sources), `stdlib-heldout` (the next `heldout_docs`), `math` (worked math problems, train split) and `math-test`
-    (the test split, never trained on). Prepared once; later calls find them done."""
+    (the test split, never trained on) and `arithmetic` (`arithmetic_passes` shuffled passes over the problems'
+    calculation steps). Prepared once; later calls find them done."""
     stdlib = stdlib_documents(limit=stdlib_docs + heldout_docs)
     if len(stdlib) < stdlib_docs + heldout_docs:
         raise ValueError(f"only {len(stdlib)} stdlib documents found, {stdlib_docs + heldout_docs} requested")
@@ -140,6 +157,7 @@ def prepare_bundled_corpus(
         "stdlib-heldout": stdlib[stdlib_docs:],
         "math": math_text_documents(math_train, seed, "train"),
         "math-test": math_text_documents(math_test, seed, "test"),
+        "arithmetic": arithmetic_documents(arithmetic_passes, seed),
     }
     root = Path(data_root)
     paths = {}

@@ -13,6 +13,13 @@ from dataclasses import dataclass
 NAMES = ["Ava", "Ben", "Chen", "Dana", "Eli", "Fatima", "Gus", "Hana", "Ivan", "Jun", "Kofi", "Lena", "Mei", "Noah"]
 ITEMS = ["apples", "books", "coins", "pens", "shells", "stamps", "marbles", "cards", "eggs", "stickers"]
 
+# Operand ranges (inclusive). Small operands: a few hundred arithmetic facts, so a CPU-sized model can learn them
+# within the quickstart. `arithmetic_facts` enumerates exactly the facts these ranges can ask for.
+ADD_RANGE = (1, 12)
+SUB_MINUEND_RANGE = (5, 20)
+MUL_RANGE = (2, 6)
+ADD_SUB_RANGE = (1, 9)
+
 # split -> seed offset: train and test draw from disjoint seeds AND test questions that also occur in train are dropped
 _SPLIT_SEED = {"train": 0, "test": 1_000_003}
 
@@ -28,30 +35,50 @@ class MathProblem:
 def _make_problem(rng: random.Random) -> MathProblem:
     name, item = rng.choice(NAMES), rng.choice(ITEMS)
     kind = rng.choice(["add", "add", "sub", "sub", "mul", "add_sub"])
-    # Small operands: a few hundred arithmetic facts, so a CPU-sized model can learn them within the quickstart.
     if kind == "add":
-        a, b = rng.randint(1, 12), rng.randint(1, 12)
+        a, b = rng.randint(*ADD_RANGE), rng.randint(*ADD_RANGE)
         answer = a + b
         question = f"{name} has {a} {item} and gets {b} more. How many {item} does {name} have now?"
         steps = f"{a} + {b} = {answer}."
     elif kind == "sub":
-        a = rng.randint(5, 20)
+        a = rng.randint(*SUB_MINUEND_RANGE)
         b = rng.randint(1, a)
         answer = a - b
         question = f"{name} has {a} {item} and gives away {b}. How many {item} are left?"
         steps = f"{a} - {b} = {answer}."
     elif kind == "mul":
-        a, b = rng.randint(2, 6), rng.randint(2, 6)
+        a, b = rng.randint(*MUL_RANGE), rng.randint(*MUL_RANGE)
         answer = a * b
         question = f"{name} buys {a} bags with {b} {item} in each bag. How many {item} is that in total?"
         steps = f"{a} * {b} = {answer}."
     else:
-        a, b = rng.randint(1, 9), rng.randint(1, 9)
+        a, b = rng.randint(*ADD_SUB_RANGE), rng.randint(*ADD_SUB_RANGE)
         c = rng.randint(1, a + b)
         answer = a + b - c
         question = f"{name} has {a} {item}, finds {b} more, then loses {c}. How many {item} does {name} have?"
         steps = f"{a} + {b} = {a + b}. {a + b} - {c} = {answer}."
     return MathProblem(question, answer, f"{steps} The answer is {answer}.", kind)
+
+
+def arithmetic_facts() -> list[str]:
+    """Every calculation step the problems can contain, written as in their solutions ("7 + 5 = 12."), each once.
+
+    These are the facts the train split's solutions already hold (2000 train problems state each one several times);
+    as a table they are the same knowledge at several times the density per token.
+    """
+    def pairs(low: int, high: int) -> set[tuple[int, int]]:
+        return {(x, y) for x in range(low, high + 1) for y in range(low, high + 1)}
+
+    def differences(minuends: range) -> set[tuple[int, int]]:  # a - b with 1 <= b <= a
+        return {(x, y) for x in minuends for y in range(1, x + 1)}
+
+    # "add" and the first step of "add_sub" add; "sub" and the second step of "add_sub" ((a + b) - c) subtract
+    adds = pairs(*ADD_RANGE) | pairs(*ADD_SUB_RANGE)
+    subs = differences(range(SUB_MINUEND_RANGE[0], SUB_MINUEND_RANGE[1] + 1)) | differences(
+        range(2 * ADD_SUB_RANGE[0], 2 * ADD_SUB_RANGE[1] + 1))
+    facts = {(x, "+", y) for x, y in adds} | {(x, "-", y) for x, y in subs} | {(x, "*", y) for x, y in pairs(*MUL_RANGE)}
+    results = {"+": int.__add__, "-": int.__sub__, "*": int.__mul__}
+    return [f"{a} {op} {b} = {results[op](a, b)}." for a, op, b in sorted(facts, key=lambda f: (f[1], f[0], f[2]))]
 
 
 def generate_problems(n: int, seed: int = 0, split: str = "train") -> list[MathProblem]:
