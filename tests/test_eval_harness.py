@@ -279,3 +279,29 @@ metric_list:
     if importlib.util.find_spec("vllm") is None:
         assert cli_main([*base, "--tasks", MATH_TASK, "--backend", "vllm"]) == 2
         assert "vLLM" in one_error_line(capsys, "eval")
+
+
+def test_eval_during_training_leaves_the_losses_bitwise_equal(tiny_dir, tmp_path):
+    """SFT (LoRA, dropout on: the run draws from the RNG every step) with `eval_tasks` every 2 steps logs the task's
+    metric with the trainer's and into the output dir, and its training losses equal a run without it, bit for bit."""
+    from yulan_tune.evaluation.during_training import EVAL_LOG
+    from yulan_tune.sft import SFTRecipe, parse_config
+
+    def run(out: Path, *extra: str) -> SFTRecipe:
+        recipe = SFTRecipe(parse_config(
+            ["--config", str(Path(__file__).resolve().parent.parent / "recipes" / "configs" / "tiny_lora.yaml"),
+             "--model_name_or_path", str(tiny_dir), "--output_dir", str(out), "--num_bundled_examples", "200",
+             "--max_steps", "6", "--logging_steps", "1", "--disable_tqdm", "true", "--report_to", "none",
+             "--seed", "3", *extra]))
+        recipe.run()
+        return recipe
+
+    plain = run(tmp_path / "plain")
+    evaluated = run(tmp_path / "evaluated", "--eval_tasks", MATH_TASK, "--eval_every_steps", "2", "--eval_limit", "4")
+    losses = [[e["loss"] for e in r.trainer.state.log_history if "loss" in e] for r in (plain, evaluated)]
+    assert len(losses[0]) == 6 and losses[0] == losses[1]
+    key = f"harness/{MATH_TASK}/exact_match"
+    assert [e["step"] for e in evaluated.trainer.state.log_history if key in e] == [2, 4, 6]
+    lines = [json.loads(line) for line in (tmp_path / "evaluated" / EVAL_LOG).read_text().splitlines()]
+    assert [line["step"] for line in lines] == [2, 4, 6] and all(0.0 <= line[key] <= 1.0 for line in lines)
+    assert not (tmp_path / "plain" / EVAL_LOG).exists()
