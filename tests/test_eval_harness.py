@@ -120,7 +120,7 @@ def test_math_task_predictions_equal_math_accuracy(tiny_dir, tiny_tokenizer):
 
     model = load_model(tiny_dir)
     problems = generate_problems(200, 0, split="test")
-    run = evaluate_model(model, tiny_tokenizer, [MATH_TASK], batch_size=1, show_progress=False)
+    run = evaluate_model(model, tiny_tokenizer, [MATH_TASK], batch_size=1)
     records = sorted(run.samples[MATH_TASK], key=lambda r: r["doc_id"])
     assert len(records) == len(problems) == 200
     expected_texts = generate_answers(model, tiny_tokenizer, [math_messages(p) for p in problems], batch_size=1)
@@ -167,7 +167,7 @@ def test_yulanmini_checkpoint_equals_its_llama_export(tiny_dir, tiny_tokenizer, 
     yulanmini = load_model(yulanmini_dir, dtype=torch.float32)
     assert type(yulanmini).__name__.startswith("YuLanMini")
     llama = load_model(tiny_dir, dtype=torch.float32)
-    options = dict(include_path=str(mc_task_dir), batch_size=4, show_progress=False)
+    options = dict(include_path=str(mc_task_dir), batch_size=4)
     a = harness_loglikelihoods(evaluate_model(yulanmini, load_tokenizer(yulanmini_dir), [MC_TASK], **options))
     b = harness_loglikelihoods(evaluate_model(llama, tiny_tokenizer, [MC_TASK], **options))
     assert len(a) == len(b) == MC_ITEMS
@@ -195,7 +195,7 @@ def test_lora_unmerged_equals_merged(tiny_dir, tiny_tokenizer, mc_task_dir, lora
     from yulan_tune.loading import load_model
 
     adapter, merged = lora_adapter
-    options = dict(include_path=str(mc_task_dir), batch_size=4, show_progress=False)
+    options = dict(include_path=str(mc_task_dir), batch_size=4)
     unmerged_model = load_model(tiny_dir, adapter=adapter, dtype=torch.float32)
     assert type(unmerged_model).__name__.startswith("PeftModel")  # unmerged: LoRA layers in the forward
     unmerged = harness_loglikelihoods(evaluate_model(unmerged_model, tiny_tokenizer, [MC_TASK], **options))

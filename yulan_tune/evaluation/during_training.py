@@ -86,8 +86,7 @@ class HarnessEvalCallback(TrainerCallback):
         trainer = self.trainer
         with preserved_rng():
             lm = YuLanLM(trainer.model, trainer.processing_class, batch_size=self.batch_size)
-            run = run_tasks(lm, self.plan, limit=self.limit, num_fewshot=self.num_fewshot, bootstrap_iters=0,
-                            show_progress=False)
+            run = run_tasks(lm, self.plan, limit=self.limit, num_fewshot=self.num_fewshot, bootstrap_iters=0)
         metrics = {f"{PREFIX}/{key}": value for key, value in run.metrics().items()}
         with open(Path(trainer.args.output_dir) / EVAL_LOG, "a", encoding="utf-8") as handle:
             handle.write(json.dumps({"step": step, **metrics}) + "\n")

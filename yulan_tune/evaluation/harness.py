@@ -328,7 +328,6 @@ def run_tasks(
     limit: int | float | None = None,
     bootstrap_iters: int = 1000,
     log_samples: bool = True,
-    show_progress: bool = True,
     **plan_options: Any,
 ) -> EvalRun:
     """Evaluate `lm` (a `YuLanLM`, or any lm-eval model) on `tasks` (names, or a `plan_tasks` plan) in this process.
@@ -347,7 +346,7 @@ def run_tasks(
     samples: dict[str, list[dict]] = {}
     try:
         for built, chat in plan.batches:
-            with quiet_lm_eval(), _progress(show_progress), _no_git_probe():
+            with quiet_lm_eval(), _no_git_probe():
                 results = simple_evaluate(
                     model=lm, tasks=built, num_fewshot=num_fewshot, limit=limit, task_manager=plan.manager,
                     log_samples=log_samples, apply_chat_template=chat, fewshot_as_multiturn=chat,
@@ -378,23 +377,6 @@ def _no_git_probe() -> Iterator[None]:
 
     with mock.patch.object(lm_eval.evaluator, "get_git_commit_hash", lambda: None):
         yield
-
-
-@contextlib.contextmanager
-def _progress(enabled: bool) -> Iterator[None]:
-    """lm-eval draws its request bars itself; with `enabled` false they are hidden (TQDM_DISABLE)."""
-    if enabled:
-        yield
-        return
-    previous = os.environ.get("TQDM_DISABLE")
-    os.environ["TQDM_DISABLE"] = "1"
-    try:
-        yield
-    finally:
-        if previous is None:
-            os.environ.pop("TQDM_DISABLE", None)
-        else:
-            os.environ["TQDM_DISABLE"] = previous
 
 
 def evaluate_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, tasks: Sequence[str], *,
