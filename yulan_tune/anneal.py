@@ -53,6 +53,7 @@ from yulan_tune.data.curriculum import parse_token_count
 from yulan_tune.data.mixture import MixtureDataset, largest_remainder, mixture_composition, parse_data_mix, stream_names
 from yulan_tune.data.records import check_txt_split
 from yulan_tune.data.sources import pack_source
+from yulan_tune.evaluation.during_training import HarnessEvalArguments, attach_harness_eval
 from yulan_tune.loading import load_model, load_tokenizer
 from yulan_tune.modeling.convert import to_llama
 from yulan_tune.modeling.yulanmini import YuLanMiniForCausalLM
@@ -68,7 +69,7 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass
-class AnnealConfig(TrainingArguments):
+class AnnealConfig(TrainingArguments, HarnessEvalArguments):
     """transformers.TrainingArguments plus the annealing fields; settable from YAML and the command line.
 
     `learning_rate` and `lr_scheduler_type` are not used: the LR starts at the checkpoint's (or `peak_lr`) and follows
@@ -340,6 +341,7 @@ class AnnealRecipe:
             loss_chunk_size=c.loss_chunk_size,
             strict_optimizer_state=c.strict_optimizer_state,
         )
+        attach_harness_eval(self.trainer, c)
         return use_console_progress(self.trainer, TrainingProgress("anneal"))
 
     # ---------------------------------------------------------------------------------------------- run / export

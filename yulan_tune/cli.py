@@ -21,7 +21,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "check-data": ("check_data", "validate a dataset and show a rendered sample"),
     "convert": ("convert", "convert between yulanmini and Llama checkpoints"),
     "merge": ("merge", "merge a LoRA adapter into a bf16 base (also QLoRA adapters)"),
-    "eval": ("eval", "held-out math exact-match accuracy of a model"),
+    "eval": ("eval", "evaluate a model: lm-eval tasks (--tasks), else held-out math exact-match"),
+    "compare": ("compare", "several models or eval runs on the same tasks: table, paired test, chart"),
     "app": ("app", "Gradio chat app to try a model"),
 }
 

@@ -47,6 +47,7 @@ from yulan_tune.data.preferences import (
     unpair,
 )
 from yulan_tune.data.records import SkipReport
+from yulan_tune.evaluation.during_training import HarnessEvalArguments, attach_harness_eval
 from yulan_tune.evaluation.exact_match import math_correct
 from yulan_tune.evaluation.paired import compare_paired
 from yulan_tune.evaluation.preferences import pair_logps, preference_metrics
@@ -81,7 +82,7 @@ def preference_method(loss_type: list[str]) -> str:
 
 
 @dataclass
-class DPOConfig(trl.DPOConfig, PostTrainingModelConfig):
+class DPOConfig(trl.DPOConfig, PostTrainingModelConfig, HarnessEvalArguments):
     """trl.DPOConfig plus trl.ModelConfig and what a recipe needs; every field can be set in YAML or overridden on
     the command line."""
 
@@ -326,6 +327,7 @@ class DPORecipe:
             from trl.experimental.orpo import ORPOConfig
 
             self.trainer = _orpo_trainer_class()(model=model, args=derived_config(c, ORPOConfig), **common)
+        attach_harness_eval(self.trainer, c)
         return use_console_progress(self.trainer, TrainingProgress(self.method))
 
     # evaluation -----------------------------------------------------------------------------------------------------

@@ -55,6 +55,7 @@ from yulan_tune.data.curriculum import (
 )
 from yulan_tune.data.mixture import open_phase
 from yulan_tune.data.packed import PackedDataset
+from yulan_tune.evaluation.during_training import HarnessEvalArguments, attach_harness_eval
 from yulan_tune.modeling.convert import to_llama
 from yulan_tune.modeling.yulanmini import YuLanMiniConfig, YuLanMiniForCausalLM
 from yulan_tune.training.callbacks import TrainingProgress, use_console_progress
@@ -75,7 +76,7 @@ BUNDLED_DATASETS = ("stdlib", "math", "stdlib-heldout", "math-test")
 
 
 @dataclass
-class PretrainConfig(TrainingArguments):
+class PretrainConfig(TrainingArguments, HarnessEvalArguments):
     """TrainingArguments plus the pretraining recipe's fields. Defaults are YuLan-Mini's (docs/yulan_reference.md 3.1):
     peak LR 1e-2 (hidden matrices get lr / m_width through the muP groups), AdamW (0.9, 0.95), eps 1e-15, weight decay
     0.1, gradient clipping 1.0, bf16 where the hardware has it, logging every 3 steps, a checkpoint every 250."""
@@ -277,6 +278,7 @@ class PretrainRecipe:
         )
         if self.config.monitor_every_steps:
             HiddenStateMonitor(every_n_steps=self.config.monitor_every_steps).attach(trainer)
+        attach_harness_eval(trainer, self.config)
         return use_console_progress(trainer, bar)
 
     # --- the run --------------------------------------------------------------------------------------------------

@@ -28,6 +28,7 @@ from yulan_tune.data.chat import TokenizedConversation, tokenize_conversation, t
 from yulan_tune.data.formats import SFTExample, load_sft_examples
 from yulan_tune.data.math_problems import generate_problems
 from yulan_tune.data.records import SkipReport, check_txt_split
+from yulan_tune.evaluation.during_training import HarnessEvalArguments, attach_harness_eval
 from yulan_tune.evaluation.exact_match import math_accuracy
 from yulan_tune.export import write_adapter_info
 from yulan_tune.loading import load_model, load_tokenizer, quantization_name
@@ -39,7 +40,7 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass
-class SFTConfig(trl.SFTConfig, PostTrainingModelConfig):
+class SFTConfig(trl.SFTConfig, PostTrainingModelConfig, HarnessEvalArguments):
     """trl.SFTConfig plus trl.ModelConfig and what a recipe needs; every field can be set in YAML or overridden on
     the command line."""
 
@@ -162,6 +163,7 @@ class SFTRecipe:
             peft_config=trl.get_peft_config(c),
             callbacks=[RankSummaryCallback()] + ([LoraGradientGuard()] if c.use_peft else []),
         )
+        attach_harness_eval(self.trainer, c)
         return use_console_progress(self.trainer, TrainingProgress("sft"))
 
     def run(self) -> dict[str, Any]:
