@@ -23,7 +23,6 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from unittest import mock
 
 import torch
 from lm_eval import simple_evaluate
@@ -346,7 +345,7 @@ def run_tasks(
     samples: dict[str, list[dict]] = {}
     try:
         for built, chat in plan.batches:
-            with quiet_lm_eval(), _no_git_probe():
+            with quiet_lm_eval():
                 results = simple_evaluate(
                     model=lm, tasks=built, num_fewshot=num_fewshot, limit=limit, task_manager=plan.manager,
                     log_samples=log_samples, apply_chat_template=chat, fewshot_as_multiturn=chat,
@@ -366,17 +365,6 @@ def run_tasks(
             else:
                 os.environ[CODE_EVAL_ENV] = previous_code_env
     return EvalRun(merged, samples)
-
-
-@contextlib.contextmanager
-def _no_git_probe() -> Iterator[None]:
-    """lm-eval stores `git describe` of the working directory in its results, and git prints "fatal: not a git
-    repository" on stderr wherever that is none; the commit of the current directory says nothing about the model, so
-    that one probe is replaced (results keep `git_hash: null`)."""
-    import lm_eval.evaluator
-
-    with mock.patch.object(lm_eval.evaluator, "get_git_commit_hash", lambda: None):
-        yield
 
 
 def evaluate_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, tasks: Sequence[str], *,
