@@ -59,7 +59,7 @@ from yulan_tune.modeling.convert import to_llama
 from yulan_tune.modeling.yulanmini import YuLanMiniForCausalLM
 from yulan_tune.tiny import resolve_tiny
 from yulan_tune.training.callbacks import TrainingProgress, use_console_progress
-from yulan_tune.training.checkpoints import AnnealSource, resolve_source
+from yulan_tune.training.checkpoints import AnnealSource, SaveAtSteps, check_keep_steps, resolve_source
 from yulan_tune.training.mup import REFERENCE_BETAS, REFERENCE_EPS, REFERENCE_WEIGHT_DECAY
 from yulan_tune.training.optim_state import CheckpointOptimizerState, read_optimizer_checkpoint
 from yulan_tune.training.schedules import WSDSchedule, canonical_decay_shape
@@ -111,6 +111,10 @@ class AnnealConfig(TrainingArguments, HarnessEvalArguments):
     hyperparameters_from_checkpoint: bool = field(
         default=True, metadata={"help": "take AdamW betas, eps and weight decay from the checkpoint's optimizer "
                                         "groups (else adam_beta1/2, adam_epsilon, weight_decay below)"})
+    keep_checkpoint_steps: list[int] | None = field(
+        default=None, metadata={"help": "also save a checkpoint at each of these anneal steps (checkpoint-N, N "
+                                        "counted from the anneal's start; the model's step is the source's + N), "
+                                        "a series for `yulan-tune dynamics`; leave save_total_limit unset"})
     export_dir: str | None = field(default=None, metadata={"help": "after training, export the plain Llama here"})
     export_max_position_embeddings: int | None = field(
         default=None, metadata={"help": "max_position_embeddings of the exported Llama (released YuLan-Mini: "
@@ -146,6 +150,10 @@ class AnnealConfig(TrainingArguments, HarnessEvalArguments):
             raise ValueError(f"end_lr_factor must be in [0, 1], got {self.end_lr_factor}")
         if self.seq_len < 2:
             raise ValueError(f"seq_len must be >= 2, got {self.seq_len}")
+        self.keep_checkpoint_steps = check_keep_steps(self.keep_checkpoint_steps) or None
+        if self.keep_checkpoint_steps and self.save_total_limit is not None:
+            raise ValueError("keep_checkpoint_steps with save_total_limit: the Trainer's rotation would delete the "
+                             "kept checkpoints; leave save_total_limit unset")
         if self.loss_chunk_size is not None and self.loss_chunk_size < 1:
             raise ValueError(f"loss_chunk_size must be >= 1 or None, got {self.loss_chunk_size}")
         super().__post_init__()
@@ -340,6 +348,7 @@ class AnnealRecipe:
             optimizer_checkpoint=self.optimizer_checkpoint,
             loss_chunk_size=c.loss_chunk_size,
             strict_optimizer_state=c.strict_optimizer_state,
+            callbacks=[SaveAtSteps(c.keep_checkpoint_steps)] if c.keep_checkpoint_steps else None,
         )
         attach_harness_eval(self.trainer, c)
         return use_console_progress(self.trainer, TrainingProgress("anneal"))

@@ -14,7 +14,8 @@ How a run proceeds (`PretrainRecipe.run`):
 3. Run each remaining phase as one `YuLanTrainer.train()` on that phase's `MixtureDataset`. A phase resumes from
    the latest checkpoint; a new phase starts from the last checkpoint of the previous one (weights, optimizer state,
    LR schedule position and RNG come back; the data order seeks to the step). The last checkpoint of every phase is
-   kept by rotation (`keep: true` in its record).
+   kept by rotation (`keep: true` in its record), as is a checkpoint at each of `keep_checkpoint_steps` (saved
+   there in addition to `save_steps`): the series `yulan-tune dynamics` studies.
 4. After the last phase, save `final/` (yulanmini) and, with `export_llama`, `final-llama/` (the released form).
 
 Deliberate choices: training uses `position_ids` that restart per document, so attention stays inside documents
@@ -61,6 +62,8 @@ from yulan_tune.modeling.yulanmini import YuLanMiniConfig, YuLanMiniForCausalLM
 from yulan_tune.training.callbacks import TrainingProgress, use_console_progress
 from yulan_tune.training.checkpoints import (
     AtomicCheckpointCallback,
+    SaveAtSteps,
+    check_keep_steps,
     latest_complete_checkpoint,
     read_checkpoint_record,
     remove_incomplete_checkpoints,
@@ -119,6 +122,9 @@ class PretrainConfig(TrainingArguments, HarnessEvalArguments):
     monitor_every_steps: int = field(default=23, metadata={"help": "hidden-state statistics every N steps; 0: off"})
     keep_last_checkpoints: int | None = field(default=3, metadata={
         "help": "complete checkpoints kept (the last one of each phase is always kept)"})
+    keep_checkpoint_steps: list[int] | None = field(default=None, metadata={
+        "help": "also save a checkpoint at each of these global steps and never rotate it away (a series for "
+                "`yulan-tune dynamics`); the last checkpoint of each phase is always kept"})
     export_llama: bool = field(default=True, metadata={"help": "also write final-llama/ (the released Llama form)"})
 
     # YuLan-Mini's values for TrainingArguments fields (docs/yulan_reference.md 3.1, 3.7)
@@ -155,6 +161,7 @@ class PretrainConfig(TrainingArguments, HarnessEvalArguments):
         if self.warmup_steps and (self.warmup_steps < 1 or self.warmup_steps != int(self.warmup_steps)):
             raise ValueError(f"PretrainConfig: warmup_steps is a number of steps, got {self.warmup_steps}; use "
                              f"warmup_tokens for a length in tokens")
+        self.keep_checkpoint_steps = check_keep_steps(self.keep_checkpoint_steps) or None
         if self.gradient_checkpointing_step is not None:
             self.activation_checkpointing = True  # the model skips every k-th layer itself (build_model)
         super().__post_init__()
@@ -263,16 +270,19 @@ class PretrainRecipe:
                      bar: TrainingProgress) -> YuLanTrainer:
         dataset = open_phase(run.plan, seed=self._data_seed(), cache=self._dataset_cache)
         plan = run.plan
+        keep_steps = set(self.config.keep_checkpoint_steps or ())
 
         def record(state) -> dict[str, Any]:  # the curriculum position, stored in every checkpoint's record
             return {"phase": plan.name, "phase_index": plan.index, "phase_start_step": run.start_step,
                     "phase_steps": plan.steps, "rows_per_step": plan.rows_per_step, "seq_len": plan.seq_len,
-                    "dropped_rows": plan.dropped_rows, "keep": state.global_step == run.end_step}
+                    "dropped_rows": plan.dropped_rows,
+                    "keep": state.global_step == run.end_step or state.global_step in keep_steps}
 
         trainer = YuLanTrainer(
             model=model, args=self.phase_args(run), train_dataset=dataset, eval_dataset=eval_datasets,
             processing_class=tokenizer, data_collator=default_data_collator,
-            callbacks=[AtomicCheckpointCallback(self.config.keep_last_checkpoints, record), *self.callbacks],
+            callbacks=[AtomicCheckpointCallback(self.config.keep_last_checkpoints, record),
+                       SaveAtSteps(sorted(keep_steps)), *self.callbacks],
             schedule=schedule, dataset_start_step=run.start_step, mup=self.config.mup,
             decay_vectors=self.config.decay_vectors,
         )

@@ -135,6 +135,35 @@ class AtomicCheckpointCallback(TrainerCallback):
                 shutil.rmtree(path)
 
 
+def check_keep_steps(steps: list[int] | None, name: str = "keep_checkpoint_steps") -> list[int]:
+    """`steps` as a sorted list of distinct positive step numbers (a config's list of checkpoints to keep)."""
+    if not steps:
+        return []
+    if isinstance(steps, (int, str)):
+        steps = [steps]
+    try:
+        values = sorted({int(step) for step in steps})
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a list of step numbers, got {steps!r}") from None
+    if values[0] < 1:
+        raise ValueError(f"{name}: steps start at 1, got {values[0]}")
+    return values
+
+
+class SaveAtSteps(TrainerCallback):
+    """Saves a checkpoint at each of `steps` (optimizer steps as the Trainer counts them, i.e. the `checkpoint-N`
+    names), in addition to the `save_steps` schedule: a series of checkpoints to study (`yulan-tune dynamics`)."""
+
+    def __init__(self, steps: list[int]) -> None:
+        self.steps = frozenset(check_keep_steps(steps))
+
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                    **kwargs: Any) -> TrainerControl:
+        if state.global_step in self.steps:
+            control.should_save = True
+        return control
+
+
 # ---------------------------------------------------------------------------------------------------- anneal sources
 
 
