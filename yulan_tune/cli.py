@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "convert": ("convert", "convert between yulanmini and Llama checkpoints"),
     "merge": ("merge", "merge a LoRA adapter into a bf16 base (also QLoRA adapters)"),
     "eval": ("eval", "evaluate a model: lm-eval tasks (--tasks), else held-out math exact-match"),
+    "dynamics": ("dynamics", "training dynamics of a series of checkpoints: norms, spectra, CKA, probe loss"),
     "compare": ("compare", "several models or eval runs on the same tasks: table, paired test, chart"),
     "app": ("app", "Gradio chat app to try a model"),
 }

@@ -96,6 +96,14 @@ def bundled_corpus(n_stdlib: int | None = 400, n_math: int = 2000, seed: int = 0
     return stdlib_documents(limit=n_stdlib) + math_text_documents(n_math, seed)
 
 
+def heldout_documents(stdlib_docs: int = 400, heldout_docs: int = 20, math_test: int = 200,
+                      seed: int = 0) -> dict[str, list[str]]:
+    """Held-out text by domain, never trained on by `prepare_bundled_corpus` with the same arguments: "code" (its
+    `stdlib-heldout` standard-library sources) and "math" (its `math-test` problems, the test split)."""
+    stdlib = stdlib_documents(limit=stdlib_docs + heldout_docs)
+    return {"code": stdlib[stdlib_docs:], "math": math_text_documents(math_test, seed, "test")}
+
+
 def bundled_documents(name: str) -> list[str]:
     """The documents of a bundled document set (DOCUMENT_SETS)."""
     check_bundled(name, DOCUMENT_SETS, "a text source")
