@@ -32,6 +32,7 @@ from yulan_tune.data.mixture import (
     stream_names,
 )
 from yulan_tune.data.sources import pack_source
+from yulan_tune.evaluation.dynamics import resolve_checkpoints
 from yulan_tune.paths import RECIPES_DIR
 from yulan_tune.tiny import tiny_pre_annealing
 from yulan_tune.training.checkpoints import resolve_source
@@ -365,6 +366,20 @@ def test_cli_yaml_run_with_memory_options_and_export(workdir, tmp_path):
     config = json.loads((export / "config.json").read_text())
     assert config["rope_parameters"]["rope_theta"] == 490000 and config["max_position_embeddings"] >= 2 * SEQ
     assert "optimizer state from" in (out / "optimizer_state_report.txt").read_text()
+
+
+def test_keep_checkpoint_steps_leaves_a_series_in_global_steps(workdir, tmp_path):
+    """Checkpoints at the chosen anneal steps (with saving otherwise off); `yulan-tune dynamics` orders them after the
+    source by global step: the source's step + the anneal's."""
+    root, checkpoint, data = workdir
+    out = tmp_path / "series"
+    AnnealRecipe.from_pretrained(str(checkpoint), data=mix(data), tokens=4 * BATCH * SEQ, output_dir=str(out),
+                                 packed_data_dir=str(root / "packed"), keep_checkpoint_steps=[3, 1], **COMMON).run()
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-3"]
+    infos = resolve_checkpoints([out, out / "checkpoint-3", checkpoint, out / "checkpoint-1"])
+    assert [(info.name, info.step) for info in infos] == [
+        (checkpoint.name, STABLE_STEPS), ("checkpoint-1", STABLE_STEPS + 1), ("checkpoint-3", STABLE_STEPS + 3),
+        ("series", STABLE_STEPS + 4)]
 
 
 # ------------------------------------------------------------------------------------------- config and data

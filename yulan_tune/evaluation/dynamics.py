@@ -27,8 +27,8 @@ Effective weights: a yulanmini checkpoint is folded into its Llama form by `mode
 muP factors and the residual / embedding / logit multipliers multiplied into the matrices), so a yulanmini checkpoint
 and its `to_llama` export give the same statistics; every probe statistic is computed on that Llama model too.
 
-Memory: one model at a time (plus, while folding, its Llama copy). What later checkpoints compare against stays on
-disk in a scratch folder: the previous checkpoint's effective weights (safetensors, read one tensor at a time) and each
+Memory: one model at a time: the checkpoint in its stored dtype, then (both while folding) its fp32 Llama form. What
+later checkpoints compare against stays on disk in a scratch folder: the previous checkpoint's effective weights (safetensors, read one tensor at a time) and each
 checkpoint's probe representations. The probe is the bundled held-out text (`data.bundled.heldout_documents`) or the
 user's files (any format `data.records.iter_records` reads), cut into `rows` rows of `seq_len` tokens per domain.
 """
@@ -295,6 +295,24 @@ def spectral_norm(matrix: torch.Tensor, exact_max_dim: int = EXACT_SPECTRAL_MAX_
     return float(s[0])
 
 
+NORM_CHUNK = 1 << 24  # elements per float64 chunk in `frobenius_norm` (128 MiB)
+
+
+@torch.no_grad()
+def frobenius_norm(tensor: torch.Tensor, minus: torch.Tensor | None = None) -> float:
+    """||tensor|| (or ||tensor - minus||) accumulated in float64, a chunk at a time: never a float64 copy of a whole
+    tensor (the 99,000 x 1,920 embedding would take 1.5 GB)."""
+    flat = tensor.detach().reshape(-1)
+    other = minus.detach().reshape(-1) if minus is not None else None
+    total = 0.0
+    for start in range(0, flat.numel(), NORM_CHUNK):
+        part = flat[start:start + NORM_CHUNK].double()
+        if other is not None:
+            part -= other[start:start + NORM_CHUNK].double()
+        total += float(torch.dot(part, part))
+    return math.sqrt(total)
+
+
 @torch.no_grad()
 def weight_statistics(state: dict[str, torch.Tensor], *, exact_max_dim: int = EXACT_SPECTRAL_MAX_DIM
                       ) -> list[tuple[str, str, float]]:
@@ -303,8 +321,7 @@ def weight_statistics(state: dict[str, torch.Tensor], *, exact_max_dim: int = EX
     for name, tensor in state.items():
         if not tensor.is_floating_point():
             continue
-        w = tensor.detach().double()
-        norm, numel = float(w.norm()), w.numel()
+        norm, numel = frobenius_norm(tensor), tensor.numel()
         total += norm * norm
         rows += [("weight_norm", name, norm), ("weight_norm_per_numel", name, norm / numel),
                  ("weight_norm_per_sqrt_numel", name, norm / math.sqrt(numel))]
@@ -390,9 +407,10 @@ def probe_statistics(model: LlamaForCausalLM, probe: Probe, *, batch_size: int =
             for start in range(0, ids.shape[0], batch_size):
                 batch = ids[start:start + batch_size].to(device)
                 logits = model(input_ids=batch).logits
-                loss_sum += float(F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).double(),
-                                                  batch[:, 1:].reshape(-1), reduction="sum"))
+                for row in range(batch.shape[0]):  # float64, one row at a time (a row of 99,000-way logits)
+                    loss_sum += float(F.cross_entropy(logits[row, :-1].double(), batch[row, 1:], reduction="sum"))
                 count += batch[:, 1:].numel()
+                del logits
             rows.append((f"probe_loss/{domain}", "", loss_sum / count))
     finally:
         for handle in handles:
@@ -455,11 +473,11 @@ class _Scratch:
             for name, tensor in state.items():
                 if name not in aliases:
                     continue
-                old = previous.get_tensor(aliases[name]).double()
+                old = previous.get_tensor(aliases[name])
                 if old.shape != tensor.shape:
                     raise CheckpointError(f"{name}: shape {tuple(tensor.shape)} differs from the previous "
                                           f"checkpoint's {tuple(old.shape)}; the series must be one model's")
-                delta, size = float((tensor.detach().double() - old).norm()), float(old.norm())
+                delta, size = frobenius_norm(tensor, old.to(tensor.dtype)), frobenius_norm(old)
                 change, base = change + delta * delta, base + size * size
                 rows.append(("relative_weight_change", name, delta / size if size > 0 else float("nan")))
         rows.append(("relative_weight_change", "all", math.sqrt(change / base) if base > 0 else float("nan")))
@@ -480,6 +498,20 @@ def _cka_rows(metric: str, a: dict[str, torch.Tensor], b: dict[str, torch.Tensor
         raise CheckpointError(f"{metric}: the checkpoints have different layers ({len(a)} vs {len(b)} "
                               "representations); the series must be one model's")
     return [(metric, key, linear_cka(a[key], b[key])) for key in a]
+
+
+def stored_dtype(name_or_path: str) -> torch.dtype:
+    """The dtype a checkpoint's config says its weights are stored in (float32 when it does not say): the model is
+    loaded in it, and only its folded Llama form is float32 (a bf16 release is not first widened to fp32)."""
+    config = _read_json(Path(name_or_path) / "config.json")
+    if config is None:
+        try:
+            config = AutoConfig.from_pretrained(name_or_path).to_dict()
+        except (OSError, ValueError):
+            config = {}
+    name = str(config.get("dtype") or config.get("torch_dtype") or "float32").removeprefix("torch.")
+    dtype = getattr(torch, name, None)
+    return dtype if dtype in (torch.float32, torch.bfloat16, torch.float16) else torch.float32
 
 
 def _default_device() -> str:
@@ -524,7 +556,8 @@ def analyse_dynamics(checkpoints: Sequence[str | os.PathLike], out_dir: str | os
             elif any(not torch.equal(probe.domains[d], this_probe.domains[d]) for d in probe.domains):
                 raise CheckpointError(f"{info.path}: its tokenizer cuts the probe into other tokens than the first "
                                       "checkpoint's; pass one --tokenizer for the whole series")
-            loaded = load_model(info.path, dtype=torch.float32, attn_implementation="eager", device_map=None)
+            loaded = load_model(info.path, dtype=stored_dtype(info.path), attn_implementation="eager",
+                                device_map=None)
             info.form = "yulanmini" if isinstance(loaded, YuLanMiniForCausalLM) else "llama"
             rows += wesar_scalars(loaded)
             model = effective_model(loaded)
