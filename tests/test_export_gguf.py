@@ -14,18 +14,18 @@ import random
 import shutil
 from pathlib import Path
 
+import gguf
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
 from yulan_tune.cli import main as cli_main
 from yulan_tune.console import DEBUG_ENV
 from yulan_tune.export.gguf import GGUF_DTYPES, gguf_vocab, permute_for_rope, write_gguf
-from yulan_tune.export.hf import load_for_export
+from yulan_tune.export.hf import load_for_export, merge_adapter, write_adapter_info
 from yulan_tune.export.ollama import MODELFILE
-
-gguf = pytest.importorskip("gguf")
 
 
 @pytest.fixture(autouse=True)
@@ -227,29 +227,50 @@ def test_yulanmini_checkpoint_exports_as_its_llama_form(tiny_dir, gguf_files, tm
     assert worst <= 1e-6, worst
 
 
-def test_adapter_exports_merged(tiny_dir, source, tmp_path, capsys):
+@pytest.fixture(scope="module")
+def adapter(tiny_dir, tmp_path_factory):
+    """A LoRA adapter on the tiny model with a non-zero update (an unmerged export would show), and its PeftModel."""
     from peft import LoraConfig, get_peft_model
 
     base = LlamaForCausalLM.from_pretrained(str(tiny_dir), dtype=torch.float32)
     torch.manual_seed(0)
     lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "down_proj"],
-                      init_lora_weights=False)  # a non-zero update, so an unmerged export would show
+                      init_lora_weights=False)
     peft_model = get_peft_model(base, lora).eval()
-    adapter = tmp_path / "adapter"
-    peft_model.save_pretrained(str(adapter))
+    path = tmp_path_factory.mktemp("adapter") / "adapter"
+    peft_model.save_pretrained(str(path))
+    return path, peft_model
+
+
+def test_adapter_exports_merged(adapter, source, tmp_path, capsys):
+    adapter_dir, peft_model = adapter
     out = tmp_path / "merged.gguf"
-    assert cli_main(["export", str(adapter), "--to", "gguf", "--dtype", "f32", "--out", str(out), "--ollama"]) == 0
+    assert cli_main(["export", str(adapter_dir), "--to", "gguf", "--dtype", "f32", "--out", str(out), "--ollama"]) == 0
     assert "adapter merged into its base" in capsys.readouterr().out
     batch = probe_batch(source[1], rows=4)
     merged = logits(load_gguf_model(out), batch)
-    reference = logits(peft_model, batch)
-    assert (merged - reference).abs().max().item() <= 1e-4
+    assert (merged - logits(peft_model, batch)).abs().max().item() <= 1e-4
     with peft_model.disable_adapter():
         assert (merged - logits(peft_model, batch)).abs().max().item() > 1e-3  # the update is really in there
     modelfile = (tmp_path / MODELFILE).read_text()
     assert modelfile.startswith("FROM ./merged.gguf\n")
     assert 'TEMPLATE """' in modelfile and "<|start_header_id|>{{ .Role }}<|end_header_id|>" in modelfile
     assert 'PARAMETER stop "<|eot_id|>"' in modelfile and 'PARAMETER stop "</s>"' in modelfile
+
+
+def test_qlora_adapter_is_merged_into_the_dequantized_base(adapter, tiny_dir, tmp_path):
+    """An adapter recorded as trained on a 4-bit base goes onto the dequantized NF4 weights, as `merge` does."""
+    adapter_dir = tmp_path / "qlora"
+    shutil.copytree(adapter[0], adapter_dir)
+    write_adapter_info(adapter_dir, str(tiny_dir), "4bit")
+    out = tmp_path / "hf"
+    assert cli_main(["export", str(adapter_dir), "--to", "hf", "--dtype", "f32", "--out", str(out)]) == 0
+    exported = load_file(out / "model.safetensors")
+    dequantized = load_file(merge_adapter(adapter_dir, tmp_path / "merge", dtype=torch.float32) / "model.safetensors")
+    plain = load_file(merge_adapter(adapter_dir, tmp_path / "plain", dtype=torch.float32, dequantize=False)
+                      / "model.safetensors")
+    name = "model.layers.0.mlp.up_proj.weight"  # no LoRA there: only the NF4 round trip changes it
+    assert torch.equal(exported[name], dequantized[name]) and not torch.equal(exported[name], plain[name])
 
 
 def test_to_hf_writes_a_plain_llama_dir(tiny_dir, source, tmp_path):
