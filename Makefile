@@ -7,7 +7,7 @@ PIP := $(PY) -m pip
 TORCH_PIN ?= torch==2.13.0
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: quickstart test install install-test browser dpo-quickstart bench gpu-check clean
+.PHONY: quickstart test test-slow install install-test install-serve browser dpo-quickstart bench gpu-check clean
 
 $(VENV)/.installed: pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
@@ -38,6 +38,20 @@ dpo-quickstart: install
 
 test: install-test
 	$(PY) -m pytest -q
+
+# llama.cpp itself (llama-cpp-python, compiled from its sdist: cmake and g++ from Debian, ~5 min on 2 cores, so not
+# part of `make test`'s 10 minutes) loads the exported GGUF: tokens, logits and greedy generations against transformers.
+$(VENV)/.installed-serve: $(VENV)/.installed-test
+	@command -v cmake >/dev/null 2>&1 && command -v g++ >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq cmake g++ >/dev/null; \
+	  else sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq cmake g++ >/dev/null; fi; }
+	CMAKE_ARGS="-DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF" $(PIP) install -q -e '.[serve]'
+	touch $@
+
+install-serve: $(VENV)/.installed-serve
+
+test-slow: install-serve
+	$(PY) -m pytest -q tests/test_export_gguf.py
 
 bench: install-test
 	bash benchmarks/run_cpu.sh

@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 
 from yulan_tune.console import summary
-from yulan_tune.export import __doc__ as EXPORT_DOC
 from yulan_tune.export import merge_adapter
+from yulan_tune.export.hf import __doc__ as EXPORT_DOC
 
 
 def main(argv: list[str]) -> int:
