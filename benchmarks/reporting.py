@@ -144,7 +144,7 @@ def environment() -> dict[str, Any]:
         "device": device,
         "load_average_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
         "versions": {name: version(name) for name in
-                     ("torch", "transformers", "trl", "peft", "accelerate", "bitsandbytes", "liger-kernel")},
+                     ("torch", "transformers", "trl", "peft", "accelerate", "bitsandbytes", "liger-kernel", "lm_eval")},
         "python": platform.python_version(),
     }
 

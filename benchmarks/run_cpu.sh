@@ -30,4 +30,7 @@ if run pretrain; then
   "$PY" -m benchmarks.pretrain_overhead --reps 3 --steps 6 --warmup-steps 1 --write-results \
     --json "$OUT_DIR/pretrain_cpu.json"
 fi
+if run eval; then
+  "$PY" -m benchmarks.eval_throughput --reps 3 --limit 200 --batch-size 16 --write-results --json "$OUT_DIR/eval_cpu.json"
+fi
 echo "benchmarks/run_cpu.sh: $(( $(date +%s) - START )) s; rows appended to benchmarks/RESULTS.md"

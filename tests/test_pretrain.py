@@ -211,3 +211,17 @@ def test_pretrain_tiny_base_writes_the_quickstart_llama(tmp_path, tiny_dir):
     # the tiny curriculum's two phases, scaled to the 4 steps asked for
     records = [read_checkpoint_record(out / "pretrain" / "run" / f"checkpoint-{step}") for step in (2, 4)]
     assert [(r["phase"], r["phase_steps"], r["keep"]) for r in records] == [("code", 2, True), ("math", 2, True)]
+
+
+def test_tiny_build_key_follows_a_curriculum_file_by_content(tmp_path):
+    """A curriculum given by path (how benchmarks/tiny_learning tries other mixes) keys the cache by its content."""
+    from yulan_tune.tiny import TINY_CURRICULUM, TinyPretraining, default_tiny_dir, tiny_curriculum
+
+    copy = tmp_path / "mix.yaml"
+    copy.write_text(TINY_CURRICULUM.read_text())
+    assert tiny_curriculum(str(copy)) == copy
+    same = default_tiny_dir(pretraining=TinyPretraining(curriculum=str(copy)))
+    copy.write_text(TINY_CURRICULUM.read_text().replace("96K", "128K"))
+    assert default_tiny_dir(pretraining=TinyPretraining(curriculum=str(copy))) != same
+    with pytest.raises(FileNotFoundError, match="no such curriculum file"):
+        tiny_curriculum(str(tmp_path / "missing.yaml"))

@@ -1,0 +1,141 @@
+"""What limits the tiny YuLan's learning (issue 13): build a tiny base with other pretraining settings, fine-tune it
+with other SFT settings, and score it on a validation set, one try per invocation; every try appends a JSON line.
+
+    python -m benchmarks.tiny_learning base b80                                    # the default build
+    python -m benchmarks.tiny_learning base c5 --pretrain '{"steps": 1200, "batch_size": 1}' --curriculum FILE.yaml
+    python -m benchmarks.tiny_learning sft b80 s_b80 -- --per_device_train_batch_size 16 --packing false
+    python -m benchmarks.tiny_learning analyse s_b80                               # where the answers go wrong
+
+The validation problems are disjoint from the quickstart's 200 held-out problems and from the train split, so the
+held-out numbers the README reports are not tuned on. `docs/tiny_model.md` has the table of tries and what each gave.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+from benchmarks import REPO_ROOT
+
+DEFAULT_WORKDIR = REPO_ROOT / "outputs" / "tiny_learning"
+QUICKSTART_TEST_PROBLEMS = 200  # yulan_tune.quickstart scores the first 200 of the test split (seed 0)
+
+
+def validation_problems(n: int = 300) -> list[Any]:
+    """`n` problems from the test generator with another seed, minus the quickstart's held-out problems and minus
+    the first 20000 train problems (far more than any SFT set of these tries reads)."""
+    from yulan_tune.data.math_problems import generate_problems
+
+    held_out = {p.question for p in generate_problems(QUICKSTART_TEST_PROBLEMS, seed=0, split="test")}
+    train = {p.question for p in generate_problems(20000, seed=0, split="train")}
+    candidates = generate_problems(n + 1500, seed=7, split="test")
+    problems = [p for p in candidates if p.question not in held_out and p.question not in train]
+    if len(problems) < n:
+        raise ValueError(f"only {len(problems)} validation problems are disjoint from test and train; ask for fewer")
+    return problems[:n]
+
+
+def record(workdir: Path, entry: dict[str, Any]) -> None:
+    import torch
+
+    entry["torch_threads"] = torch.get_num_threads()
+    entry["load_average_1min"] = round(os.getloadavg()[0], 1)
+    print(json.dumps(entry))
+    with (workdir / "tries.jsonl").open("a") as f:
+        f.write(json.dumps(entry) + "\n")
+
+
+def build_base(args: argparse.Namespace) -> None:
+    from yulan_tune.tiny import TinyPretraining, build_tiny
+
+    settings = json.loads(args.pretrain or "{}")
+    if args.curriculum:
+        settings["curriculum"] = str(Path(args.curriculum).resolve())
+    started = time.perf_counter()
+    build_tiny(args.workdir / "bases" / args.name, seed=args.seed, pretraining=TinyPretraining(**settings), force=True)
+    record(args.workdir, {"kind": "base", "name": args.name, "seed": args.seed, "pretraining": settings,
+                          "seconds": round(time.perf_counter() - started, 1)})
+
+
+def fine_tune(args: argparse.Namespace) -> None:
+    from yulan_tune.evaluation.exact_match import math_accuracy
+    from yulan_tune.sft import SFTRecipe, parse_config
+
+    config = parse_config(["--config", args.config, "--model_name_or_path", str(args.workdir / "bases" / args.base),
+                           "--output_dir", str(args.workdir / "sft" / args.name), *args.overrides])
+    started = time.perf_counter()
+    recipe = SFTRecipe(config)
+    metrics = recipe.run()
+    seconds = time.perf_counter() - started
+    accuracy = math_accuracy(recipe.trainer.model, recipe.tokenizer, validation_problems(args.num_problems))
+    record(args.workdir, {"kind": "sft", "name": args.name, "base": args.base, "config": args.config,
+                          "overrides": args.overrides, "validation_accuracy": round(accuracy, 4),
+                          "validation_problems": args.num_problems, "sft_seconds": round(seconds, 1),
+                          "updates": metrics.get("steps"), "train_loss": metrics.get("train_loss")})
+
+
+def analyse(args: argparse.Namespace) -> None:
+    """Operands copied from the question? Arithmetic right once the operands are? Accuracy per kind of problem."""
+    from yulan_tune.data.math_problems import extract_answer, math_messages
+    from yulan_tune.evaluation.exact_match import generate_answers
+    from yulan_tune.loading import load_model, load_tokenizer
+
+    model_dir = args.workdir / "sft" / args.name
+    model, tokenizer = load_model(model_dir), load_tokenizer(model_dir)
+    problems = validation_problems(args.num_problems)
+    answers = generate_answers(model, tokenizer, [math_messages(p) for p in problems], max_new_tokens=48)
+    counts: collections.Counter = collections.Counter()
+    right_by_kind: collections.Counter = collections.Counter()
+    total_by_kind: collections.Counter = collections.Counter()
+    for problem, answer in zip(problems, answers):
+        expected, produced = re.findall(r"-?\d+", problem.solution), re.findall(r"-?\d+", answer)
+        correct = extract_answer(answer) == problem.answer
+        counts["correct"] += correct
+        counts["first_operand_copied"] += produced[:1] == expected[:1]
+        operands_copied = produced[:2] == expected[:2]
+        counts["both_operands_copied"] += operands_copied
+        counts["correct_when_operands_copied"] += correct and operands_copied
+        total_by_kind[problem.operation] += 1
+        right_by_kind[problem.operation] += correct
+    n = len(problems)
+    record(args.workdir, {
+        "kind": "analysis", "name": args.name, "exact_match": round(counts["correct"] / n, 3),
+        "first_operand_copied": round(counts["first_operand_copied"] / n, 3),
+        "both_operands_copied": round(counts["both_operands_copied"] / n, 3),
+        "arithmetic_right_given_operands": round(
+            counts["correct_when_operands_copied"] / max(1, counts["both_operands_copied"]), 3),
+        "by_kind": {kind: f"{right_by_kind[kind]}/{total}" for kind, total in sorted(total_by_kind.items())}})
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR)
+    parser.add_argument("--num-problems", type=int, default=300, help="validation problems")
+    commands = parser.add_subparsers(dest="command", required=True)
+    base = commands.add_parser("base", help="build a tiny base")
+    base.add_argument("name")
+    base.add_argument("--seed", type=int, default=0)
+    base.add_argument("--pretrain", help="JSON of yulan_tune.tiny.TinyPretraining fields")
+    base.add_argument("--curriculum", help="a curriculum YAML to pretrain on instead of pretrain/curriculum/tiny.yaml")
+    sft = commands.add_parser("sft", help="fine-tune a base and score it")
+    sft.add_argument("base")
+    sft.add_argument("name")
+    sft.add_argument("--config", default=str(REPO_ROOT / "recipes" / "configs" / "tiny_full.yaml"))
+    sft.add_argument("overrides", nargs="*", help="SFT config overrides after --, as on the sft command line")
+    analysis = commands.add_parser("analyse", help="where a fine-tuned model's answers go wrong")
+    analysis.add_argument("name")
+    args = parser.parse_args(argv)
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("YULAN_TUNE_HOME", str(args.workdir / "home"))
+    {"base": build_base, "sft": fine_tune, "analyse": analyse}[args.command](args)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
