@@ -177,10 +177,11 @@ def test_optimizer_state_and_schedule_from_checkpoint(workdir, layout, tmp_path)
                                           packed_data_dir=str(root / "packed"), **COMMON)
     assert recipe.optimizer_checkpoint.format == layout
     if layout == "deepspeed_universal":
-        # the fp32 masters go into fp32 weights (bf16 autocast runs over them); into bf16 weights they would be
-        # rounded and trained without an fp32 copy, and a parameter without a master is not silently left as is
-        with pytest.raises(ValueError, match="fp32 master weights would be rounded"):
-            recipe.branch(str(tmp_path / "bf16"), dtype="bfloat16").load_model()
+        # the fp32 masters go into fp32 weights (bf16 autocast runs over them): dtype bfloat16 is then the compute
+        # dtype only, never the dtype masters and moments are rounded to; a parameter without a master is an error
+        bf16 = recipe.branch(str(tmp_path / "bf16"), dtype="bfloat16")
+        assert bf16.param_dtype == "float32" and bf16.training_args().bf16
+        assert all(p.dtype == torch.float32 for p in bf16.load_model().parameters())
         model = recipe.load_model()
         assert all(p.dtype == torch.float32 for p in model.parameters())
         master = next(iter(recipe.optimizer_checkpoint.params.values()))
