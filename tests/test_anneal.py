@@ -403,6 +403,7 @@ def test_config_parsing_and_yaml(tmp_path):
                                "--use_cpu", "true"])  # the 28K config asks for bf16, which needs a GPU or use_cpu
         assert config.decay == "1-sqrt" and config.rope_theta == 490000 and abs(sum(config.data.values()) - 1) < 1e-12
     assert config.seq_len == 28672 and config.loss_chunk_size == 4096 and config.export_max_position_embeddings == 28723
+    assert config.optimizer_state_step == 243198  # Before-Annealing's documented step, never latest_universal's
     override = parse_config(["--config", str(RECIPES_DIR / "configs" / "anneal_tiny.yaml"), "--decay", "cosine",
                              "--tokens", "1M", "--output_dir", str(tmp_path)])
     assert override.decay == "cosine" and override.token_budget == 1_000_000

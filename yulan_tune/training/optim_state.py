@@ -11,7 +11,8 @@ checkpoint's LR. Two checkpoint formats carry the moments:
     (`global_step243198_universal`, docs/yulan_reference.md 1.6), as written by DeepSpeed's `ds_to_universal.py`
     (read at deepspeed 0.19.8, `deepspeed/checkpoint/ds_to_universal.py` + `universal_checkpoint.py`):
 
-        <root>/latest_universal                     text: the name of the step folder
+        <root>/latest_universal                     text: the folder converted last (not trusted alone when there
+                                                    are several: `choose_universal_checkpoint`)
         <root>/global_step<N>_universal/
             mp_rank_00_model_states.pt              engine state: module, param_shapes, global_steps, lr_scheduler,
                                                     ds_config, ds_version (copied from the ZeRO checkpoint)
@@ -20,9 +21,16 @@ checkpoint's LR. Two checkpoint formats carry the moments:
             zero/<param name>/fp32.pt               {"param": fp32 master weight, "cat_dim": 0, ...}
             zero/<param name>/exp_avg.pt            {"param": first moment, ...}
             zero/<param name>/exp_avg_sq.pt         {"param": second moment, ...}
-            zero/<param name>/step.pt               the optimizer step (python int or 0-dim tensor; newer versions)
+            zero/<param name>/step.pt               the optimizer step (python int from FusedAdam, 0-dim tensor
+                                                    from torch Adam; ZeRO-3 conversions write none)
+            zero/<alias>/fp32.pt                    only this file for a module state-dict entry without optimizer
+                                                    state: a tied alias (engine `shared_params`, e.g. lm_head.weight;
+                                                    the bf16 module weight cast to fp32), a buffer, a frozen parameter
 
-    ZeRO-3 conversions (`merge_zero3_slices`) save the bare tensor instead of the {"param": ...} dict; both are read.
+    ZeRO-3 conversions (`merge_zero3_slices`) save the bare flat tensor instead of the {"param": ...} dict; both are
+    read, and 0-dim parameters may be stored as () or (1,) (DeepSpeed's merge cannot concatenate 0-dim slices, so
+    converters that handle them flatten first). tests/fixtures/deepspeed/ holds such folders written by DeepSpeed
+    0.19.8 itself, with the live engine state beside them.
     DeepSpeed itself loads all of these with `weights_only=False`. We never do: every file goes through
     `torch.load(weights_only=True)`. The only non-tensor objects DeepSpeed pickles into them are its own config
     holders (the loss scaler in optimizer_state.pt, `SubparamShape` for fused tensor-parallel parameters); those
