@@ -182,6 +182,19 @@ def test_recorded_step_of_the_weights_chooses(two_folders):
         choose_universal_checkpoint(two_folders)
 
 
+def test_config_step_counter_chooses_only_when_it_matches(two_folders):
+    """Without trainer_state.json the yulanmini config's step counter is the weights' record; Before-Annealing's says
+    253006, which is neither 243198 nor 262772, so there it decides nothing and the run refuses."""
+    config_file = two_folders / "config.json"
+    config = json.loads(config_file.read_text())
+    config_file.write_text(json.dumps({**config, "num_steps_trained_before_this_epoch": 4}))
+    choice = choose_universal_checkpoint(two_folders)
+    assert choice.folder.name == "global_step4_universal" and "num_steps_trained_before_this_epoch" in choice.reason
+    config_file.write_text(json.dumps({**config, "num_steps_trained_before_this_epoch": 253006}))
+    with pytest.raises(AmbiguousCheckpointError, match="says 253006"):
+        choose_universal_checkpoint(two_folders)
+
+
 def test_pointer_to_a_removed_folder_falls_back(two_folders):
     shutil.rmtree(two_folders / "global_step4_universal")  # latest_universal still names it
     choice = choose_universal_checkpoint(two_folders)
