@@ -7,7 +7,8 @@ PIP := $(PY) -m pip
 TORCH_PIN ?= torch==2.13.0
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: quickstart test test-slow install install-test install-serve browser dpo-quickstart bench gpu-check clean
+.PHONY: quickstart test test-slow install install-test install-serve browser dpo-quickstart bench gpu-check clean \
+	deepspeed-fixtures
 
 $(VENV)/.installed: pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
@@ -59,6 +60,21 @@ bench: install-test
 # On a machine with a CUDA GPU and its own Python (no .venv, no package index): the GPU tests and benchmarks, < 10 min.
 gpu-check:
 	bash benchmarks/gpu_check.sh
+
+# The DeepSpeed-written universal checkpoints under tests/fixtures/deepspeed (committed; ~2.3 MB). DeepSpeed lives in
+# its own venv: the test suite checks that reading them does not need it. --no-deps keeps pip from replacing the CPU
+# torch by a CUDA build; DS_BUILD_OPS=0 compiles nothing at install (the CPU FusedAdam is built on first use, ~1 min).
+DS_VENV ?= .ds_venv
+$(DS_VENV)/.installed:
+	test -d $(DS_VENV) || $(PYTHON) -m venv $(DS_VENV)
+	$(DS_VENV)/bin/pip install -q $(TORCH_PIN)
+	DS_BUILD_OPS=0 $(DS_VENV)/bin/pip install -q --no-build-isolation --no-deps deepspeed==0.19.8
+	$(DS_VENV)/bin/pip install -q hjson ninja py-cpuinfo msgpack einops psutil pydantic packaging numpy tqdm \
+	  transformers==5.24.0
+	touch $@
+
+deepspeed-fixtures: $(DS_VENV)/.installed
+	PYTHONPATH=. DS_ACCELERATOR=cpu $(DS_VENV)/bin/python tests/fixtures/deepspeed/make_fixtures.py
 
 clean:
 	rm -rf outputs .pytest_cache

@@ -177,10 +177,11 @@ def test_optimizer_state_and_schedule_from_checkpoint(workdir, layout, tmp_path)
                                           packed_data_dir=str(root / "packed"), **COMMON)
     assert recipe.optimizer_checkpoint.format == layout
     if layout == "deepspeed_universal":
-        # the fp32 masters go into fp32 weights (bf16 autocast runs over them); into bf16 weights they would be
-        # rounded and trained without an fp32 copy, and a parameter without a master is not silently left as is
-        with pytest.raises(ValueError, match="fp32 master weights would be rounded"):
-            recipe.branch(str(tmp_path / "bf16"), dtype="bfloat16").load_model()
+        # the fp32 masters go into fp32 weights (bf16 autocast runs over them): dtype bfloat16 is then the compute
+        # dtype only, never the dtype masters and moments are rounded to; a parameter without a master is an error
+        bf16 = recipe.branch(str(tmp_path / "bf16"), dtype="bfloat16")
+        assert bf16.param_dtype == "float32" and bf16.training_args().bf16
+        assert all(p.dtype == torch.float32 for p in bf16.load_model().parameters())
         model = recipe.load_model()
         assert all(p.dtype == torch.float32 for p in model.parameters())
         master = next(iter(recipe.optimizer_checkpoint.params.values()))
@@ -402,6 +403,7 @@ def test_config_parsing_and_yaml(tmp_path):
                                "--use_cpu", "true"])  # the 28K config asks for bf16, which needs a GPU or use_cpu
         assert config.decay == "1-sqrt" and config.rope_theta == 490000 and abs(sum(config.data.values()) - 1) < 1e-12
     assert config.seq_len == 28672 and config.loss_chunk_size == 4096 and config.export_max_position_embeddings == 28723
+    assert config.optimizer_state_step == 243198  # Before-Annealing's documented step, never latest_universal's
     override = parse_config(["--config", str(RECIPES_DIR / "configs" / "anneal_tiny.yaml"), "--decay", "cosine",
                              "--tokens", "1M", "--output_dir", str(tmp_path)])
     assert override.decay == "cosine" and override.token_budget == 1_000_000

@@ -82,6 +82,11 @@ class AnnealConfig(TrainingArguments, HarnessEvalArguments):
         default="auto", metadata={"help": "'auto': read it from the checkpoint (required there); a path to an HF "
                                           "checkpoint-N dir or DeepSpeed universal checkpoint; 'none': start AdamW "
                                           "with fresh moments (reported; not what annealing is meant for)"})
+    optimizer_state_step: int | None = field(
+        default=None, metadata={"help": "the global_step<N>_universal folder to read when the checkpoint holds "
+                                        "several (yulan-team/YuLan-Mini-Before-Annealing: 243198, the default for "
+                                        "that hub id); unset: the only folder, or the one the weights' recorded "
+                                        "step agrees with, else the run refuses"})
     data: dict[str, float] | str | None = field(
         default=None, metadata={"help": "data mix {source: weight}: JSONL / Parquet / text files or dirs, or dirs "
                                         "written by `yulan-tune prepare-data`; JSON or 'a.jsonl=0.3,b.jsonl=0.7'"})
@@ -124,7 +129,9 @@ class AnnealConfig(TrainingArguments, HarnessEvalArguments):
     dtype: str | None = field(default=None, metadata={
         "help": "dtype of the weights the optimizer updates: float32 (default; with bf16: true the forward and backward "
                 "run in bf16 autocast over fp32 master weights, as YuLan-Mini's run), or bfloat16 (no fp32 copy: less "
-                "memory, and updates smaller than bf16's resolution are lost)"})
+                "memory, and updates smaller than bf16's resolution are lost). With a checkpoint's optimizer state, "
+                "bfloat16 is the compute dtype only: weights and moments stay float32 (DeepSpeed kept both in fp32) "
+                "and the forward runs in bf16 autocast"})
 
     # YuLan-Mini's values for TrainingArguments fields (docs/yulan_reference.md 3.1), used when the checkpoint has none
     weight_decay: float = REFERENCE_WEIGHT_DECAY
@@ -174,15 +181,20 @@ class AnnealRecipe:
                              "'replay.jsonl': 0.7}")
         self.config = config
         self.source = source or resolve_source(resolve_tiny(config.model_name_or_path, "pre_annealing"),
-                                               config.optimizer_state)
+                                               config.optimizer_state, config.optimizer_state_step)
         self.tokenizer = load_tokenizer(self.source.model_dir)
         if optimizer_checkpoint is None and self.source.optimizer_dir is not None:
-            optimizer_checkpoint = read_optimizer_checkpoint(self.source.optimizer_dir)
+            optimizer_checkpoint = read_optimizer_checkpoint(self.source.optimizer_dir,
+                                                             step=self.source.optimizer_step)
+            if self.source.optimizer_choice:
+                optimizer_checkpoint.choice = self.source.optimizer_choice
+            logger.info("optimizer state: %s", self.checkpoint_line(optimizer_checkpoint))
         self.optimizer_checkpoint = optimizer_checkpoint
         self.model: YuLanMiniForCausalLM | None = None
         self.trainer: AnnealTrainer | None = None
         self.dataset: MixtureDataset | None = None
         self.composition: dict[str, dict[str, Any]] | None = None
+        self.masters_loaded = 0
 
     # ---------------------------------------------------------------------------------------------- construction
 
@@ -210,7 +222,7 @@ class AnnealRecipe:
         branch's optimizer) and its weights are loaded again from the source dir."""
         if Path(output_dir).resolve() == Path(self.config.output_dir).resolve():
             raise ValueError(f"branch output_dir {output_dir} is this recipe's own output_dir; give each branch its own")
-        if {"model_name_or_path", "optimizer_state"} & set(overrides):
+        if {"model_name_or_path", "optimizer_state", "optimizer_state_step"} & set(overrides):
             raise ValueError("a branch anneals the same checkpoint; build another AnnealRecipe for another source")
         if "tokens" in overrides:
             overrides["tokens"] = str(overrides["tokens"])
@@ -218,6 +230,26 @@ class AnnealRecipe:
         return AnnealRecipe(config, optimizer_checkpoint=self.optimizer_checkpoint, source=self.source)
 
     # ---------------------------------------------------------------------------------------------- pieces
+
+    @staticmethod
+    def checkpoint_line(saved: CheckpointOptimizerState) -> str:
+        """One line on the checkpoint the decay starts from: folder, step, LR and why that folder."""
+        return (f"{saved.source} ({saved.format}), step {saved.global_step}, LR {saved.lr:g}"
+                + (f", chosen as {saved.choice}" if saved.choice else ""))
+
+    @property
+    def param_dtype(self) -> str:
+        """dtype of the parameters the optimizer updates: float32 whenever a checkpoint's moments are loaded (they and
+        the masters are fp32 in DeepSpeed's bf16 mode; torch would round them to a bf16 parameter's dtype)."""
+        if self.optimizer_checkpoint is not None:
+            return "float32"
+        return self.config.dtype or "float32"
+
+    @property
+    def bf16_autocast(self) -> bool:
+        """bf16 forward and backward over the fp32 parameters: `bf16: true`, or `dtype: bfloat16` with loaded
+        moments (bf16 is then the compute dtype)."""
+        return bool(self.config.bf16) or (self.config.dtype == "bfloat16" and self.param_dtype == "float32")
 
     @property
     def start_step(self) -> int:
@@ -260,6 +292,7 @@ class AnnealRecipe:
         args, saved = copy.copy(self.config), self.optimizer_checkpoint
         args.max_steps = self.decay_steps  # the budget, not epochs, ends the run
         args.learning_rate = self.peak_lr
+        args.bf16 = self.bf16_autocast
         if args.hyperparameters_from_checkpoint and saved is not None:
             group = max(saved.param_groups, key=lambda g: float(g["lr"]) / float(g.get("lr_scale", 1.0)))
             if "betas" in group:
@@ -286,13 +319,12 @@ class AnnealRecipe:
                                             "rope_theta": float(c.rope_theta)}
         model_config.max_position_embeddings = max(model_config.max_position_embeddings, c.seq_len)
         model_config.num_steps_trained_before_this_epoch = self.start_step  # reference bookkeeping (3.5)
-        dtype = c.dtype or "float32"
+        dtype = self.param_dtype
         saved = self.optimizer_checkpoint
         copies_masters = c.load_master_weights and saved is not None and saved.format == "deepspeed_universal"
-        if copies_masters and dtype != "float32":
-            raise ValueError(f"dtype {dtype} with load_master_weights: the checkpoint's fp32 master weights would be "
-                             "rounded into bf16 parameters and trained without an fp32 copy. Leave dtype unset (fp32 "
-                             "masters, bf16 autocast with bf16: true) or set load_master_weights: false")
+        if c.dtype not in (None, dtype):
+            logger.info("dtype %s with the checkpoint's optimizer state: parameters and moments stay %s, the forward "
+                        "runs in %s autocast", c.dtype, dtype, c.dtype)
         model = load_model(self.source.model_dir, dtype=dtype, config=model_config)
         if not isinstance(model, YuLanMiniForCausalLM):
             raise TypeError(f"expected a YuLanMiniForCausalLM, got {type(model).__name__}")
@@ -303,7 +335,7 @@ class AnnealRecipe:
     def _load_master_weights(self, model: PreTrainedModel, saved: CheckpointOptimizerState) -> None:
         """Every parameter from the checkpoint's fp32 master weight (the released safetensors are bf16 casts of
         them); a parameter without one is an error, not a silent bf16 start."""
-        params = dict(model.named_parameters())
+        params = dict(model.named_parameters())  # tied parameters once (their aliases' folders hold no master)
         masters = {name: state.master_weight for name, state in saved.params.items()
                    if state.master_weight is not None and name in params}
         missing = sorted(set(params) - set(masters))
@@ -313,7 +345,11 @@ class AnnealRecipe:
                              "false to start from the model's own weights")
         with torch.no_grad():
             for name, master in masters.items():
+                if params[name].dtype != master.dtype:
+                    raise ValueError(f"{saved.source}: the {master.dtype} master of {name!r} would be cast to the "
+                                     f"parameter's {params[name].dtype}")
                 params[name].copy_(master.reshape(params[name].shape))
+        self.masters_loaded = len(masters)
         logger.info("copied %d fp32 master weights from %s", len(masters), saved.source)
 
     def build_dataset(self) -> MixtureDataset:
@@ -360,8 +396,14 @@ class AnnealRecipe:
         c, saved = self.config, self.optimizer_checkpoint
         return {
             "source_model": str(self.source.model_dir),
-            "source_optimizer_state": str(self.source.optimizer_dir) if self.source.optimizer_dir else None,
+            "source_optimizer_state": str(saved.source) if saved else None,
             "optimizer_state_format": saved.format if saved else None,
+            "optimizer_state_choice": saved.choice if saved else None,
+            "checkpoint_step": saved.global_step if saved else None,
+            "checkpoint_lr": saved.lr if saved else None,
+            "checkpoint_notes": saved.notes if saved else [],
+            "param_dtype": self.param_dtype,
+            "bf16_autocast": self.bf16_autocast,
             "start_step": self.start_step,
             "decay_steps": self.decay_steps,
             "end_step": self.start_step + self.decay_steps,
@@ -391,7 +433,10 @@ class AnnealRecipe:
         if report is not None:
             metrics["optimizer_state"] = {"loaded": len(report.loaded), "missing": report.missing,
                                           "unexpected": report.unexpected, "step": report.step,
-                                          "format": report.format}
+                                          "format": report.format, "source": str(report.source),
+                                          "choice": self.optimizer_checkpoint.choice,
+                                          "masters_loaded": self.masters_loaded,
+                                          "lr": self.optimizer_checkpoint.lr}
         if trainer.is_world_process_zero():
             self.tokenizer.save_pretrained(str(out))
             write_metrics(out, metrics)

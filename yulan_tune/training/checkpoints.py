@@ -20,7 +20,7 @@ from typing import Any
 
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from yulan_tune.training.optim_state import find_universal_checkpoint
+from yulan_tune.training.optim_state import choose_universal_checkpoint, has_universal_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -167,12 +167,20 @@ class SaveAtSteps(TrainerCallback):
 # ---------------------------------------------------------------------------------------------------- anneal sources
 
 
+# Hub repositories whose step folder is documented: YuLan-Mini's README anneals from step 243198, and the
+# Before-Annealing repository has held global_step262772_universal (its first latest_universal) next to
+# global_step243198_universal ("Upload correct optimizer states"), docs/yulan_reference.md 4.
+DOCUMENTED_OPTIMIZER_STEPS = {"yulan-team/YuLan-Mini-Before-Annealing": 243198}
+
+
 @dataclass
 class AnnealSource:
     """Where the pre-annealing model and its optimizer state live (both only read)."""
 
     model_dir: Path
     optimizer_dir: Path | None  # HF checkpoint-N dir or DeepSpeed universal folder; None: fresh moments
+    optimizer_step: int | None = None  # the step folder asked for (optimizer_state_step or the documented one)
+    optimizer_choice: str | None = None  # why that folder (several global_step*_universal folders)
 
 
 def _latest_trainer_checkpoint(path: Path) -> Path | None:
@@ -186,18 +194,28 @@ def _latest_trainer_checkpoint(path: Path) -> Path | None:
     return found[-1][1] if found else None
 
 
-def resolve_source(name_or_path: str, optimizer_state: str = "auto") -> AnnealSource:
+def resolve_source(name_or_path: str, optimizer_state: str = "auto",
+                   optimizer_state_step: int | None = None) -> AnnealSource:
     """Find the model weights and the optimizer state of a pre-annealing checkpoint.
 
     Accepted: an HF Trainer `checkpoint-N` dir; a training output dir holding `checkpoint-*` (the latest with
     an optimizer.pt is used); a model dir holding a DeepSpeed universal checkpoint (`latest_universal` /
     `global_step*_universal`, as YuLan-Mini-Before-Annealing); a `global_step*_universal` folder itself (weights from
-    its parent); a hub id (downloaded with huggingface_hub, the universal checkpoint included)."""
+    its parent); a hub id (downloaded with huggingface_hub, the universal checkpoint included).
+
+    Among several `global_step*_universal` folders the one read is `optimizer_state_step`'s, else the documented one
+    of a known hub repository (`DOCUMENTED_OPTIMIZER_STEPS`), else the one the weights' step agrees with, else none:
+    `optimizer_state.choose_universal_checkpoint` refuses rather than guess."""
+    if optimizer_state_step is None and name_or_path in DOCUMENTED_OPTIMIZER_STEPS:
+        optimizer_state_step = DOCUMENTED_OPTIMIZER_STEPS[name_or_path]
+        documented = f"the documented step of {name_or_path}"
+    else:
+        documented = None
     path = Path(name_or_path).expanduser()
     if not path.exists():
         if name_or_path.startswith((".", "/", "~")):
             raise FileNotFoundError(f"{name_or_path}: no such directory")
-        path = _download(name_or_path)
+        path = _download(name_or_path, optimizer_state_step)
     if (path / "zero").is_dir() and not (path / "config.json").is_file():  # the universal folder itself
         model_dir = path.parent
     elif not (path / "config.json").is_file() and (latest := _latest_trainer_checkpoint(path)) is not None:
@@ -208,16 +226,20 @@ def resolve_source(name_or_path: str, optimizer_state: str = "auto") -> AnnealSo
         raise FileNotFoundError(f"{path}: no config.json with the model weights (looked in {model_dir}); pass a "
                                 "model dir, an HF checkpoint-N dir or a training output dir")
 
+    choice = None
     if optimizer_state == "none":
         optimizer_dir = None
     elif optimizer_state != "auto":
         optimizer_dir = Path(optimizer_state).expanduser()
         if not optimizer_dir.exists():
             raise FileNotFoundError(f"optimizer_state={optimizer_state!r}: no such file or directory")
+        if not (optimizer_dir / "optimizer.pt").is_file() and has_universal_checkpoint(optimizer_dir):
+            choice = choose_universal_checkpoint(optimizer_dir, step=optimizer_state_step, hint_dirs=[model_dir])
     elif (model_dir / "optimizer.pt").is_file():
         optimizer_dir = model_dir
-    elif (universal := find_universal_checkpoint(path if (path / "zero").is_dir() else model_dir)) is not None:
-        optimizer_dir = universal
+    elif (choice := choose_universal_checkpoint(path if (path / "zero").is_dir() else model_dir,
+                                                step=optimizer_state_step, hint_dirs=[model_dir])) is not None:
+        optimizer_dir = choice.folder
     else:
         raise FileNotFoundError(
             f"{model_dir}: no optimizer state (no optimizer.pt, no DeepSpeed universal checkpoint). Annealing is "
@@ -225,18 +247,33 @@ def resolve_source(name_or_path: str, optimizer_state: str = "auto") -> AnnealSo
             "Point model_name_or_path at a pre-annealing checkpoint (YuLan-Mini-Before-Annealing, or a checkpoint-N "
             "of `yulan-tune pretrain`), pass optimizer_state=PATH, or optimizer_state='none' to start AdamW afresh."
         )
-    return AnnealSource(model_dir, optimizer_dir)
+    if choice is not None:
+        optimizer_dir = choice.folder
+        reason = documented if documented and choice.reason.startswith("optimizer_state_step") else choice.reason
+        return AnnealSource(model_dir, optimizer_dir, choice.step, "; ".join([reason, *choice.notes]))
+    return AnnealSource(model_dir, optimizer_dir, optimizer_state_step)
 
 
-def _download(repo_id: str) -> Path:
+def download_patterns(step: int | None) -> list[str] | None:
+    """The files an anneal needs from a hub repository: weights, config and tokenizer at the top level, and only the
+    one universal step folder (the others are tens of GB each for YuLan-Mini); None (everything) without a step."""
+    if step is None:
+        return None
+    return ["*.json", "*.safetensors", "*.model", "*.txt", "*.py", "latest_universal",
+            f"global_step{step}_universal/*"]
+
+
+def _download(repo_id: str, step: int | None = None) -> Path:
     from huggingface_hub import snapshot_download
 
+    patterns = download_patterns(step)
     try:
-        return Path(snapshot_download(repo_id))
+        return Path(snapshot_download(repo_id, allow_patterns=patterns))
     except Exception as error:  # offline, missing repo, gated: one actionable line
+        include = " ".join(f"--include '{p}'" for p in patterns) if patterns else ""
         raise FileNotFoundError(
             f"could not load {repo_id!r}: no such local directory, and downloading it from the hub failed "
             f"({type(error).__name__}). Download it where the hub is reachable "
-            f"(`huggingface-cli download {repo_id} --local-dir DIR`, which includes its global_step*_universal "
-            "optimizer states) and pass DIR."
+            f"(`huggingface-cli download {repo_id} {include + ' ' if include else ''}--local-dir DIR`, which "
+            "includes its global_step*_universal optimizer states) and pass DIR."
         ) from error

@@ -11,7 +11,8 @@ checkpoint's LR. Two checkpoint formats carry the moments:
     (`global_step243198_universal`, docs/yulan_reference.md 1.6), as written by DeepSpeed's `ds_to_universal.py`
     (read at deepspeed 0.19.8, `deepspeed/checkpoint/ds_to_universal.py` + `universal_checkpoint.py`):
 
-        <root>/latest_universal                     text: the name of the step folder
+        <root>/latest_universal                     text: the folder converted last (not trusted alone when there
+                                                    are several: `choose_universal_checkpoint`)
         <root>/global_step<N>_universal/
             mp_rank_00_model_states.pt              engine state: module, param_shapes, global_steps, lr_scheduler,
                                                     ds_config, ds_version (copied from the ZeRO checkpoint)
@@ -20,9 +21,16 @@ checkpoint's LR. Two checkpoint formats carry the moments:
             zero/<param name>/fp32.pt               {"param": fp32 master weight, "cat_dim": 0, ...}
             zero/<param name>/exp_avg.pt            {"param": first moment, ...}
             zero/<param name>/exp_avg_sq.pt         {"param": second moment, ...}
-            zero/<param name>/step.pt               the optimizer step (python int or 0-dim tensor; newer versions)
+            zero/<param name>/step.pt               the optimizer step (python int from FusedAdam, 0-dim tensor
+                                                    from torch Adam; ZeRO-3 conversions write none)
+            zero/<alias>/fp32.pt                    only this file for a module state-dict entry without optimizer
+                                                    state: a tied alias (engine `shared_params`, e.g. lm_head.weight;
+                                                    the bf16 module weight cast to fp32), a buffer, a frozen parameter
 
-    ZeRO-3 conversions (`merge_zero3_slices`) save the bare tensor instead of the {"param": ...} dict; both are read.
+    ZeRO-3 conversions (`merge_zero3_slices`) save the bare flat tensor instead of the {"param": ...} dict; both are
+    read, and 0-dim parameters may be stored as () or (1,) (DeepSpeed's merge cannot concatenate 0-dim slices, so
+    converters that handle them flatten first). tests/fixtures/deepspeed/ holds such folders written by DeepSpeed
+    0.19.8 itself, with the live engine state beside them.
     DeepSpeed itself loads all of these with `weights_only=False`. We never do: every file goes through
     `torch.load(weights_only=True)`. The only non-tensor objects DeepSpeed pickles into them are its own config
     holders (the loss scaler in optimizer_state.pt, `SubparamShape` for fused tensor-parallel parameters); those
@@ -48,17 +56,23 @@ from typing import Any
 import torch
 
 __all__ = [
+    "AmbiguousCheckpointError",
     "CheckpointOptimizerState",
     "OptimizerStateReport",
     "SavedParamState",
     "UnsafeCheckpointError",
+    "choose_universal_checkpoint",
     "find_universal_checkpoint",
+    "has_universal_checkpoint",
     "hf_default_param_groups",
     "load_optimizer_state",
     "read_optimizer_checkpoint",
     "read_trainer_checkpoint",
     "read_universal_checkpoint",
+    "recorded_steps",
     "safe_torch_load",
+    "universal_step_folders",
+    "UniversalCheckpointChoice",
 ]
 
 # Global names DeepSpeed may pickle into checkpoint files: only data holders under its own namespace are replaced
@@ -141,6 +155,8 @@ class CheckpointOptimizerState:
     param_groups: list[dict[str, Any]]  # saved hyperparameters per group (lr, initial_lr, betas, eps, weight_decay)
     named: bool
     notes: list[str] = field(default_factory=list)
+    aliases: dict[str, str] = field(default_factory=dict)  # tied alias folder -> the parameter holding its state
+    choice: str | None = None  # why this folder was read (several step folders: see choose_universal_checkpoint)
 
     @property
     def lr(self) -> float:
@@ -218,24 +234,135 @@ def read_trainer_checkpoint(path: str | Path) -> CheckpointOptimizerState:
 # (b) DeepSpeed universal checkpoints
 
 
-def find_universal_checkpoint(path: str | Path) -> Path | None:
-    """The `global_step<N>_universal` folder for `path`: the folder itself, the one named by `latest_universal`
-    (what DeepSpeed writes next to it), else the highest-numbered one inside `path`. None if there is none."""
+@dataclass
+class UniversalCheckpointChoice:
+    """Which `global_step<N>_universal` folder is read, and why (recorded in the anneal plan)."""
+
+    folder: Path
+    step: int | None  # from the folder name (global_step<N>_universal); None for a folder named otherwise
+    reason: str
+    candidates: list[Path] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+class AmbiguousCheckpointError(ValueError):
+    """Several step folders and nothing that says which one the weights belong to: we refuse rather than guess."""
+
+
+def _folder_step(folder: Path) -> int | None:
+    match = _UNIVERSAL_STEP_DIR.match(folder.name)
+    return int(match.group(1)) if match else None
+
+
+def universal_step_folders(path: str | Path) -> list[Path]:
+    """The `global_step<N>_universal` folders (with a zero/ inside) directly in `path`, by step."""
+    path = Path(path)
+    found = [child for child in path.glob("global_step*_universal")
+             if _UNIVERSAL_STEP_DIR.match(child.name) and (child / "zero").is_dir()]
+    return sorted(found, key=_folder_step)
+
+
+def has_universal_checkpoint(path: str | Path) -> bool:
+    """Whether `path` is a universal checkpoint folder or holds one (or a latest_universal pointer)."""
+    path = Path(path)
+    return (path / "zero").is_dir() or (path / "latest_universal").is_file() or bool(universal_step_folders(path))
+
+
+def recorded_steps(*dirs: str | Path | None) -> dict[str, int]:
+    """The training step the weights in these dirs say they are from: `trainer_state.json` global_step (HF Trainer
+    checkpoints, which is how YuLan-Mini's run saved) and, failing that, config.json's
+    `num_steps_trained_before_this_epoch` (yulanmini bookkeeping; our anneals write their start step there).
+    Keyed by the file it came from."""
+    steps: dict[str, int] = {}
+    for directory in dict.fromkeys(Path(d) for d in dirs if d is not None):
+        trainer_state = directory / "trainer_state.json"
+        if trainer_state.is_file():
+            try:
+                steps[str(trainer_state)] = int(json.loads(trainer_state.read_text())["global_step"])
+            except (ValueError, KeyError, TypeError) as error:
+                raise ValueError(f"{trainer_state}: expected a JSON object with an integer global_step ({error})")
+        config = directory / "config.json"
+        if config.is_file() and not steps:
+            value = json.loads(config.read_text()).get("num_steps_trained_before_this_epoch")
+            if isinstance(value, int) and value > 0:
+                steps[f"{config} num_steps_trained_before_this_epoch"] = value
+    return steps
+
+
+def choose_universal_checkpoint(
+    path: str | Path, *, step: int | None = None, hint_dirs: Sequence[str | Path] = ()
+) -> UniversalCheckpointChoice | None:
+    """The universal checkpoint folder to read from `path`, chosen so that it cannot silently be the wrong one.
+
+    `path` is a `global_step<N>_universal` folder (read as it is) or a directory holding such folders (a model repo
+    such as YuLan-Mini-Before-Annealing, whose history has held both global_step262772_universal, named by its
+    `latest_universal`, and global_step243198_universal, the step its README anneals from). In order:
+      1. `step` (the user's `optimizer_state_step`): global_step<step>_universal, which must exist;
+      2. a single step folder: that one (a `latest_universal` naming a missing folder is reported, not followed);
+      3. several folders: the one whose step the weights record (`recorded_steps` of `path` and `hint_dirs`);
+      4. otherwise AmbiguousCheckpointError, one line listing the folders. `latest_universal` alone never decides
+         between several folders: it names the folder converted last, not the folder the weights belong to.
+    None when `path` holds no universal checkpoint at all."""
     path = Path(path)
     if (path / "zero").is_dir():
-        return path
+        folder_step = _folder_step(path)
+        if step is not None and folder_step is not None and folder_step != step:
+            raise ValueError(f"optimizer_state_step={step}, but the universal checkpoint given is {path} (step "
+                             f"{folder_step}); give the folder of step {step} or its parent directory")
+        return UniversalCheckpointChoice(path, folder_step, "the universal checkpoint folder given", [path])
+    candidates = universal_step_folders(path)
+    names = ", ".join(c.name for c in candidates) or "none"
+    notes: list[str] = []
+    pointer = None
     latest = path / "latest_universal"
     if latest.is_file():
-        candidate = path / latest.read_text().strip()
-        if not (candidate / "zero").is_dir():
-            raise FileNotFoundError(f"{latest} names {candidate.name!r}, but {candidate}/zero does not exist")
-        return candidate
-    found = sorted(
-        (int(m.group(1)), child)
-        for child in path.glob("global_step*_universal")
-        if (m := _UNIVERSAL_STEP_DIR.match(child.name)) and (child / "zero").is_dir()
+        pointer = latest.read_text().strip()
+        if not (path / pointer / "zero").is_dir():
+            notes.append(f"{latest} names {pointer!r}, which is not here (a removed or not downloaded folder); "
+                         "ignored")
+    if step is not None:
+        wanted = path / f"global_step{step}_universal"
+        if not (wanted / "zero").is_dir():
+            raise FileNotFoundError(f"{path}: optimizer_state_step={step}, but there is no "
+                                    f"global_step{step}_universal/zero; step folders here: {names}")
+        reason = f"optimizer_state_step={step}"
+        if pointer is not None and pointer != wanted.name:
+            notes.append(f"latest_universal names {pointer!r}; {wanted.name} is read as optimizer_state_step says")
+        return UniversalCheckpointChoice(wanted, step, reason, candidates, notes)
+    if not candidates:
+        if pointer is not None:
+            raise FileNotFoundError(f"{latest} names {pointer!r}, but {path / pointer}/zero does not exist and no "
+                                    "other global_step*_universal folder is here")
+        return None
+    if len(candidates) == 1:
+        reason = "the only step folder" + (" (named by latest_universal)" if pointer == candidates[0].name else "")
+        return UniversalCheckpointChoice(candidates[0], _folder_step(candidates[0]), reason, candidates, notes)
+    recorded = recorded_steps(path, *hint_dirs)
+    by_step = {_folder_step(c): c for c in candidates}
+    agreeing = {source: value for source, value in recorded.items() if value in by_step}
+    chosen_steps = set(agreeing.values())
+    if len(chosen_steps) == 1:
+        chosen = chosen_steps.pop()
+        sources = ", ".join(agreeing)
+        if pointer is not None and pointer != by_step[chosen].name:
+            notes.append(f"latest_universal names {pointer!r}, but the weights record step {chosen} ({sources})")
+        return UniversalCheckpointChoice(by_step[chosen], chosen, f"the step the weights record ({sources})",
+                                         candidates, notes)
+    said = "; ".join(f"{source} says {value}" for source, value in recorded.items()) or "no trainer_state.json"
+    raise AmbiguousCheckpointError(
+        f"{path}: {len(candidates)} DeepSpeed universal checkpoints ({names})"
+        + (f", latest_universal names {pointer}" if pointer else "")
+        + f", and the weights do not say which one is theirs ({said}); set optimizer_state_step to one of "
+        + ", ".join(str(s) for s in by_step)
+        + " (yulan-team/YuLan-Mini-Before-Annealing: 243198) or pass the folder as optimizer_state"
     )
-    return found[-1][1] if found else None
+
+
+def find_universal_checkpoint(path: str | Path, *, step: int | None = None,
+                              hint_dirs: Sequence[str | Path] = ()) -> Path | None:
+    """The folder `choose_universal_checkpoint` picks, or None."""
+    choice = choose_universal_checkpoint(path, step=step, hint_dirs=hint_dirs)
+    return choice.folder if choice is not None else None
 
 
 def _unwrap_param(loaded: Any, file: Path) -> torch.Tensor:
@@ -251,18 +378,21 @@ def _as_int(value: Any) -> int:
     return int(value.item()) if isinstance(value, torch.Tensor) else int(value)
 
 
-def read_universal_checkpoint(path: str | Path, *, load_master_weights: bool = True) -> CheckpointOptimizerState:
+def read_universal_checkpoint(path: str | Path, *, load_master_weights: bool = True, step: int | None = None,
+                              hint_dirs: Sequence[str | Path] = ()) -> CheckpointOptimizerState:
     """Read a DeepSpeed universal checkpoint (layout in the module docstring) without DeepSpeed.
 
-    `path` is the `global_step<N>_universal` folder or a directory containing it (a model repo such as
-    YuLan-Mini-Before-Annealing). The step comes from `zero/<param>/step.pt` when present, else from the engine's
-    `global_steps`, else from the folder name."""
-    root = find_universal_checkpoint(path)
-    if root is None:
+    `path` is the `global_step<N>_universal` folder or a directory containing such folders (a model repo such as
+    YuLan-Mini-Before-Annealing); which folder is read follows `choose_universal_checkpoint` (`step`, `hint_dirs`).
+    The step comes from `zero/<param>/step.pt` when present (ZeRO-1/2; an int from DeepSpeed's FusedAdam, a tensor
+    from torch Adam), else from the engine's `global_steps` (ZeRO-3 writes no step.pt), else from the folder name."""
+    choice = choose_universal_checkpoint(path, step=step, hint_dirs=hint_dirs)
+    if choice is None:
         raise FileNotFoundError(f"{path}: no DeepSpeed universal checkpoint (expected zero/<param>/exp_avg.pt, a "
                                 "global_step<N>_universal folder, or a latest_universal file)")
+    root = choice.folder
     zero = root / "zero"
-    notes: list[str] = []
+    notes: list[str] = list(choice.notes)
 
     engine_step = None
     engine_files = sorted(root.glob("mp_rank_*_model_states.pt")) or sorted(root.glob("*mp_rank_*_model_states.pt"))
@@ -280,6 +410,11 @@ def read_universal_checkpoint(path: str | Path, *, load_master_weights: bool = T
     if optimizer_state_file.is_file():
         common = safe_torch_load(optimizer_state_file)
         groups = [{k: v for k, v in group.items() if k != "params"} for group in common.get("param_groups", [])]
+        zero_stage = common.get("zero_stage")  # DeepSpeed's ZeroStageEnum, read as an inert placeholder
+        zero_stage = getattr(zero_stage, "args", (zero_stage,))[0] if zero_stage is not None else None
+        if zero_stage is not None:
+            version = f" (DeepSpeed {common['ds_version']})" if common.get("ds_version") else ""
+            notes.append(f"written from a ZeRO stage {zero_stage} checkpoint{version}")
     scheduler_state = engine_state.get("lr_scheduler") or {}
     if not groups and scheduler_state.get("_last_lr"):
         groups = [{"lr": lr} for lr in scheduler_state["_last_lr"]]
@@ -319,9 +454,23 @@ def read_universal_checkpoint(path: str | Path, *, load_master_weights: bool = T
         if load_master_weights and "fp32" in files:
             master = _unwrap_param(safe_torch_load(files["fp32"]), files["fp32"])
         params[param_dir.name] = SavedParamState(exp_avg, exp_avg_sq, step, master)
-    if incomplete:
-        notes.append(f"{len(incomplete)} parameter folders have no moments (never received a gradient): "
-                     f"{sorted(incomplete)[:10]}")
+    # ds_to_universal writes an fp32.pt for every module state-dict entry that has no optimizer state: the aliases of
+    # tied parameters (lm_head.weight -> model.embed_tokens.weight; the engine's shared_params, whose state sits under
+    # the tied parameter, and whose fp32.pt is the bf16 module weight cast to fp32, not a master), buffers, and
+    # parameters that never received a gradient
+    shared = dict(engine_state.get("shared_params") or {})
+    buffers = set(engine_state.get("buffer_names") or [])
+    aliases = {name: shared[name] for name in incomplete if name in shared and shared[name] in params}
+    buffer_folders = sorted(name for name in incomplete if name in buffers and name not in aliases)
+    never_updated = sorted(set(incomplete) - set(aliases) - set(buffer_folders))
+    if aliases:
+        notes.append(f"{len(aliases)} tied aliases (fp32.pt only; their state is the tied parameter's): "
+                     + ", ".join(f"{alias} -> {target}" for alias, target in sorted(aliases.items())))
+    if buffer_folders:
+        notes.append(f"{len(buffer_folders)} buffers (fp32.pt only, not optimized): {buffer_folders[:10]}")
+    if never_updated:
+        notes.append(f"{len(never_updated)} parameter folders have no moments (never received a gradient): "
+                     f"{never_updated[:10]}")
     if not params:
         raise ValueError(f"{zero}: no <param>/exp_avg.pt + exp_avg_sq.pt found")
 
@@ -333,16 +482,26 @@ def read_universal_checkpoint(path: str | Path, *, load_master_weights: bool = T
     if engine_step is not None and engine_step != global_step:
         notes.append(f"engine global_steps {engine_step} != optimizer step {global_step} (skipped steps); the "
                      "optimizer step is loaded")
-    return CheckpointOptimizerState(root, "deepspeed_universal", global_step, params, groups, True, notes)
+    folder_step = _folder_step(root)
+    if folder_step is not None and folder_step != global_step:
+        notes.append(f"the folder is named for step {folder_step}, its optimizer step is {global_step}")
+    return CheckpointOptimizerState(root, "deepspeed_universal", global_step, params, groups, True, notes,
+                                    aliases=aliases, choice=choice.reason)
 
 
-def read_optimizer_checkpoint(path: str | Path) -> CheckpointOptimizerState:
-    """Read whichever format `path` holds: an HF Trainer `optimizer.pt`, else a DeepSpeed universal checkpoint."""
+def read_optimizer_checkpoint(path: str | Path, *, step: int | None = None,
+                              hint_dirs: Sequence[str | Path] = ()) -> CheckpointOptimizerState:
+    """Read whichever format `path` holds: an HF Trainer `optimizer.pt`, else a DeepSpeed universal checkpoint
+    (`step` and `hint_dirs` choose among several step folders: `choose_universal_checkpoint`)."""
     path = Path(path)
     if (path / "optimizer.pt").is_file():
-        return read_trainer_checkpoint(path)
-    if find_universal_checkpoint(path) is not None:
-        return read_universal_checkpoint(path)
+        saved = read_trainer_checkpoint(path)
+        if step is not None and saved.global_step != step:
+            raise ValueError(f"{path}: optimizer_state_step={step}, but this HF checkpoint is at step "
+                             f"{saved.global_step}")
+        return saved
+    if has_universal_checkpoint(path):
+        return read_universal_checkpoint(path, step=step, hint_dirs=hint_dirs)
     raise FileNotFoundError(
         f"{path}: no optimizer state found. Looked for optimizer.pt (HF Trainer checkpoint-N) and a DeepSpeed "
         "universal checkpoint (latest_universal, global_step<N>_universal/zero/<param>/exp_avg.pt). A plain model "
@@ -555,6 +714,13 @@ def load_optimizer_state(
             if tensor.numel() != param.numel() or (tensor.dim() > 1 and tensor.shape != param.shape):
                 raise ValueError(f"{saved.source}: {key} of {saved_name!r} has shape {tuple(tensor.shape)}, model "
                                  f"parameter {model_name!r} has {tuple(param.shape)}")
+            if _narrower(param.dtype, tensor.dtype):
+                # torch's load_state_dict casts each state to its parameter's dtype: fp32 moments would silently
+                # become bf16 (the same for the fp32 masters copied below)
+                raise ValueError(f"{saved.source}: the saved {key} of {saved_name!r} is {tensor.dtype} and model "
+                                 f"parameter {model_name!r} is {param.dtype}; loading would round the optimizer state "
+                                 "to the parameter's dtype. Keep the parameters in float32 (bf16 compute through "
+                                 "autocast, as DeepSpeed's bf16 mode keeps fp32 masters and moments)")
         state_dict["state"][flat_index[model_name]] = {
             # torch Adam(W) keeps `step` as a float32 scalar tensor (on CPU unless capturable/fused; load_state_dict
             # moves it where the optimizer wants it)
@@ -568,9 +734,22 @@ def load_optimizer_state(
         if load_master_weights:
             if entry.master_weight is None:
                 raise ValueError(f"{saved.source}: no fp32 master weight for {saved_name!r} (load_master_weights=True)")
+            if _narrower(param.dtype, entry.master_weight.dtype):
+                raise ValueError(f"{saved.source}: the {entry.master_weight.dtype} master weight of {saved_name!r} "
+                                 f"would be rounded into the {param.dtype} parameter {model_name!r}")
             with torch.no_grad():
                 param.copy_(entry.master_weight.reshape(param.shape))
             report.master_weights_loaded += 1
     # load_state_dict is torch's own path: it casts moments to each parameter's dtype/device
     torch_optimizer.load_state_dict(state_dict)
+    for model_name in report.loaded:  # what the optimizer now holds: the saved values, at the saved precision
+        state, entry = torch_optimizer.state[params_by_name[model_name]], saved.params[targets[model_name]]
+        for key in _MOMENT_KEYS:
+            if state[key].dtype != getattr(entry, key).dtype:
+                raise RuntimeError(f"{key} of {model_name!r} was loaded as {state[key].dtype}, saved as "
+                                   f"{getattr(entry, key).dtype}")
     return report
+
+
+def _narrower(dtype: torch.dtype, than: torch.dtype) -> bool:
+    return dtype.is_floating_point and than.is_floating_point and torch.finfo(dtype).bits < torch.finfo(than).bits

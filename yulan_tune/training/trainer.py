@@ -146,6 +146,15 @@ class AnnealTrainer(YuLanTrainer):
                                                              source_param_names=source_names,
                                                              strict=self.strict_optimizer_state)
                 logger.info(self.optimizer_report.summary())
+                # A second count, independent of the name matching: every optimized parameter (tied ones counted
+                # once, as named_parameters() yields them) must now hold fp32-or-saved-precision moments at step S.
+                optimized = [p for group in self.optimizer.param_groups for p in group["params"]]
+                holding = [p for p in optimized if self.optimizer.state.get(p, {}).get("exp_avg") is not None]
+                if len(holding) < len(optimized) and self.strict_optimizer_state:
+                    raise ValueError(f"{saved.source}: saved moments copied into {len(holding)} of {len(optimized)} "
+                                     "optimized parameters; the rest would start from zero moments. Set "
+                                     "strict_optimizer_state: false to anneal anyway (listed in "
+                                     "optimizer_state_report.txt)")
         return self.optimizer
 
     def create_scheduler(self, num_training_steps: int, optimizer: torch.optim.Optimizer | None = None):
