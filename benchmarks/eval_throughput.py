@@ -101,13 +101,17 @@ def main(argv: list[str] | None = None) -> int:
                   f"{result['cpu_s']:.0f} CPU s, peak {result['peak_rss_mib']:.0f} MiB, {result['scores']}")
     mismatched = [r for r in runs[BASELINE] + runs[CANDIDATE] if r["scores"] != runs[CANDIDATE][0]["scores"]]
     ratios = [b["wall_s"] / c["wall_s"] for c, b in zip(runs[CANDIDATE], runs[BASELINE])]
+    # per CPU-second: on a shared machine the wall clock of one run moves with the others' load, its CPU time less
+    cpu_ratios = [b["cpu_s"] / c["cpu_s"] for c, b in zip(runs[CANDIDATE], runs[BASELINE])]
     summary = {variant: {key: median([r[key] for r in rs]) for key in ("wall_s", "items_per_s", "cpu_s", "peak_rss_mib")}
                for variant, rs in runs.items()}
     summary["throughput_ratio"] = {"median": median(ratios), "min": min(ratios), "max": max(ratios)}
+    summary["cpu_throughput_ratio"] = {"median": median(cpu_ratios), "min": min(cpu_ratios), "max": max(cpu_ratios)}
     summary["scores_agree"] = not mismatched
     env = environment()
     r = summary["throughput_ratio"]
     print(f"  throughput {CANDIDATE}/{BASELINE}: {r['median']:.2f}x (min {r['min']:.2f}, max {r['max']:.2f}); "
+          f"per CPU-second {summary['cpu_throughput_ratio']['median']:.2f}x; "
           f"scores {'agree' if not mismatched else 'DIFFER: the comparison is void'}")
     if args.write_results and not mismatched:
         c, b = summary[CANDIDATE], summary[BASELINE]
@@ -115,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
             f"| {env['date'][:10]} | {env['device']} | {args.tasks}, limit {args.limit}, batch {args.batch_size}, "
             f"{args.reps} reps | {fmt(c['items_per_s'], 2)} / {fmt(b['items_per_s'], 2)} | **{r['median']:.2f}x** "
             f"({r['min']:.2f}-{r['max']:.2f}) | {fmt(c['peak_rss_mib'] / 1024, 2)} / {fmt(b['peak_rss_mib'] / 1024, 2)} GiB RSS | "
-            f"{fmt(c['cpu_s'])} / {fmt(b['cpu_s'])} CPU s | {fmt(c['wall_s'])} / {fmt(b['wall_s'])} s | {versions_label(env)}; "
+            f"{fmt(c['cpu_s'])} / {fmt(b['cpu_s'])} CPU s ({summary['cpu_throughput_ratio']['median']:.2f}x) | {fmt(c['wall_s'])} / {fmt(b['wall_s'])} s | {versions_label(env)}; "
             f"lm_eval {env['versions'].get('lm_eval', '-')}; load {fmt(env['load_average_1min'])} |"])
     save_json(args.json, {"environment": env, "runs": runs, "summary": summary})
     return 0 if not mismatched else 1
