@@ -62,7 +62,9 @@ def near_duplicate_pair(similarity: float, rng: random.Random, vocabulary: list[
     shared = round(2 * similarity * shingles / (1 + similarity))  # k
     first = rng.choices(vocabulary, k=words)
     keep = shared + n_grams - 1  # the first `keep` words hold exactly `shared` whole shingles
-    second = first[:keep] + rng.choices(vocabulary, k=words - keep)
+    # each replacement differs from the word it replaces: else the shared prefix (and J) would grow by chance
+    second = first[:keep] + [next(w for w in iter(lambda: rng.choice(vocabulary), None) if w != original)
+                             for original in first[keep:]]
     return " ".join(first), " ".join(second)
 
 
@@ -86,7 +88,7 @@ def detection_rates(pairs: int, workdir: Path, seed: int = 0, workers: int = 2) 
     """MinHash detection per similarity level, against 1 - (1 - s^r)^b (see the module docstring)."""
     from datatrove.pipeline.dedup import MinhashConfig, MinhashDedupSignature
 
-    from yulan_tune.data.cleaning import CleanConfig, CleanRecipe, minhash_detection_probability
+    from yulan_tune.data.cleaning import CleanConfig, CleanRecipe, minhash_detection_probability, word_tokenizer
 
     rows = [row for s in SIMILARITIES for row in planted_pairs(s, pairs, seed)]
     data = workdir / "pairs.jsonl"
@@ -101,7 +103,7 @@ def detection_rates(pairs: int, workdir: Path, seed: int = 0, workers: int = 2) 
     removed = set()
     for path in (workdir / "pairs_out" / "removed" / "minhash_dedup").glob("*.jsonl"):
         removed |= {json.loads(line)["id"] for line in path.read_text().splitlines()}
-    signer = MinhashDedupSignature(output_folder=str(workdir / "unused"), config=minhash)
+    signer = MinhashDedupSignature(output_folder=str(workdir / "unused"), config=minhash, language=word_tokenizer(config))
     by_id = {row["id"]: row["text"] for row in rows}
     table = []
     for s in SIMILARITIES:

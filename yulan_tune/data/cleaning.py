@@ -60,7 +60,7 @@ from datatrove.pipeline.readers.base import BaseDiskReader
 from datatrove.pipeline.writers import JsonlWriter
 from datatrove.utils.hashing import create_hash_func
 from datatrove.utils.text import TextNormConfig
-from datatrove.utils.word_tokenizers import load_word_tokenizer
+from datatrove.utils.word_tokenizers import SpaCyTokenizer, load_word_tokenizer, strip_strings
 
 from yulan_tune.data.documents import JSONL_SUFFIXES, PARQUET_SUFFIXES
 from yulan_tune.data.records import (
@@ -106,6 +106,9 @@ class CleanConfig:
     txt_split: str = field(default="file", metadata={"help": f"text files: {' | '.join(TXT_SPLITS)}"})
     on_bad_rows: str = field(default="raise", metadata={"help": f"{' | '.join(BAD_ROW_POLICIES)}"})
     language: str = "en"
+    tokenizer_refresh_every: int = field(default=20_000, metadata={
+        "help": "English: keep spaCy's tokenizer cache across documents, rebuilt every N documents per block (0: "
+                "datatrove's per-document memory zones, 20x slower)"})
     tasks: int = field(default=4, metadata={"help": "shards of the work (the output layout depends on it)"})
     workers: int = field(default=2, metadata={"help": "processes at a time (the output does not depend on it)"})
     unicode: dict | None = field(default_factory=dict, metadata={"help": "FTFYFormatter kwargs; null: off"})
@@ -133,6 +136,8 @@ class CleanConfig:
     def __post_init__(self) -> None:
         check_txt_split(self.txt_split)
         check_bad_row_policy(self.on_bad_rows)
+        if self.tokenizer_refresh_every < 0:
+            raise ValueError(f"tokenizer_refresh_every must be >= 0, got {self.tokenizer_refresh_every}")
         for name in ("tasks", "workers", "decontamination_ngrams", "scorer_batch_size"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -272,6 +277,54 @@ class EvalSetIndex:
             array = np.array(sorted(task_hashes), dtype=self.config.hash_config.np_descr)
             array.tofile(folder / f"{task}.index.hashes")
         return {task: len(task_hashes) for task, task_hashes in hashes.items()}
+
+
+# ------------------------------------------------------------------------------------------------ word tokenizer
+
+
+class CachedSpacyTokenizer(SpaCyTokenizer):
+    """datatrove's English tokenizer (spaCy's rule-based one) with the same tokens, its cache kept across documents.
+
+    datatrove's SpaCyTokenizer opens a spaCy memory zone per call, which empties the tokenizer's cache every time:
+    on 2 CPU cores that made each word-level filter cost 15-18 ms per 1,000-character document, 20x its cost with the
+    cache kept (measured: 3.41 s vs 0.18 s for the same 300 documents). Memory stays bounded the other way: the
+    spaCy pipeline (its string store and cache) is rebuilt every `refresh_every` calls. A datatrove block takes a
+    WordTokenizer instance wherever it takes a language (`load_word_tokenizer` passes instances through)."""
+
+    def __init__(self, language: str = "en", refresh_every: int = 20_000):
+        super().__init__(language)
+        self.refresh_every = refresh_every
+        self._calls = 0
+
+    def _docs(self, text: str) -> list:
+        self._calls += 1
+        if self._calls % self.refresh_every == 0:
+            self._tokenizer = None  # rebuilt on next use: drops the strings and cache gathered so far
+        self.tokenizer.max_length = len(text) + 10
+        return self._do_tokenize(text)
+
+    def word_tokenize(self, text: str) -> list[str]:
+        return strip_strings([token.text for chunk in self._docs(text) for token in chunk])
+
+    def sent_tokenize(self, text: str) -> list[str]:
+        return strip_strings([sent.text for chunk in self._docs(text) for sent in chunk.sents])
+
+    def span_tokenize(self, text: str) -> list[tuple[int, int]]:
+        spans: list[tuple[int, int]] = []
+        for chunk in self._docs(text):
+            start = spans[-1][1] if spans else 0
+            spans += [(start + sent.start_char, start + sent.end_char) for sent in chunk.sents]
+        return spans
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_tokenizer": None}  # workers build their own pipeline
+
+
+def word_tokenizer(config: CleanConfig):
+    """What the blocks get as their `language`: the cached English tokenizer, or the language code as it is."""
+    if config.tokenizer_refresh_every and config.language in ("en", "eng", "eng_Latn"):
+        return CachedSpacyTokenizer("en", config.tokenizer_refresh_every)
+    return config.language
 
 
 # ------------------------------------------------------------------------------------------------ readers
@@ -613,6 +666,7 @@ class CleanRecipe:
         self._claim_output(overwrite)
         started = time.time()
         readers = input_readers(c)
+        tokenizer = word_tokenizer(c)
         stages = ["filter"] + (["exact_find", "exact_filter"] if c.exact_dedup else []) \
             + (["minhash_signature", "minhash_buckets", "minhash_cluster"] if c.minhash is not None else []) \
             + ["keep"]
@@ -632,14 +686,14 @@ class CleanRecipe:
         for stage, block in HEURISTIC_FILTERS.items():
             settings = getattr(c, stage)
             if settings is not None:
-                steps.append(block(**settings, exclusion_writer=self.removed(stage), language=c.language))
+                steps.append(block(**settings, exclusion_writer=self.removed(stage), language=tokenizer))
         decont = decontamination_config(c.decontamination_ngrams)
         if c.decontaminate or self.eval_texts:
             texts = self.eval_texts if self.eval_texts is not None else resolve_eval_texts(c.decontaminate)
             index_dir = self.work / "decontamination_index"
             shutil.rmtree(index_dir, ignore_errors=True)
-            index_sizes = EvalSetIndex(decont, c.language).write(texts, index_dir)
-            steps.append(NGramsDecontFilter(str(index_dir), config=decont, language=c.language,
+            index_sizes = EvalSetIndex(decont, tokenizer).write(texts, index_dir)
+            steps.append(NGramsDecontFilter(str(index_dir), config=decont, language=tokenizer,
                                             exclusion_writer=self.removed("decontamination")))
         steps.append(NonEmptyFilter(exclusion_writer=self.removed("empty")))  # normalization, C4 may empty one
         filtered = self.work / "filtered"
@@ -665,7 +719,7 @@ class CleanRecipe:
         if minhash is not None:
             signatures, buckets, clusters = (self.work / f"minhash_{n}" for n in ("signatures", "buckets", "clusters"))
             steps = [JsonlReader(str(current), paths_file=self._shards(current), compression=None),
-                     MinhashDedupSignature(str(signatures), config=minhash, language=c.language)]
+                     MinhashDedupSignature(str(signatures), config=minhash, language=tokenizer)]
             advance("minhash_signature", self._stage("minhash_signature", steps, c.tasks))
             advance("minhash_buckets", self._stage("minhash_buckets", [
                 MinhashDedupBuckets(str(signatures), str(buckets), config=minhash)], minhash.num_buckets))
