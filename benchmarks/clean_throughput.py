@@ -16,6 +16,9 @@
    largest process (getrusage RUSAGE_CHILDREN: the main process or any datatrove worker). Run twice into two output
    directories: the kept/ and removed/ trees must be byte-identical. A second size shows whether the peak RSS grows
    with the input.
+3. Word tokenization, the cost of every word-level block: datatrove's English tokenizer against ours
+   (`CachedSpacyTokenizer`, the same tokens with spaCy's cache kept) on the same 1,000 documents, alternating.
+4. Decontamination: planted held-out 13-grams caught, and the documents of clean sets flagged.
 """
 
 from __future__ import annotations
@@ -103,7 +106,8 @@ def detection_rates(pairs: int, workdir: Path, seed: int = 0, workers: int = 2) 
     removed = set()
     for path in (workdir / "pairs_out" / "removed" / "minhash_dedup").glob("*.jsonl"):
         removed |= {json.loads(line)["id"] for line in path.read_text().splitlines()}
-    signer = MinhashDedupSignature(output_folder=str(workdir / "unused"), config=minhash, language=word_tokenizer(config))
+    signer = MinhashDedupSignature(output_folder=str(workdir / "unused"), config=minhash,
+                                   language=word_tokenizer(config))
     by_id = {row["id"]: row["text"] for row in rows}
     table = []
     for s in SIMILARITIES:
@@ -119,6 +123,69 @@ def detection_rates(pairs: int, workdir: Path, seed: int = 0, workers: int = 2) 
                       "z": (rate - p) / se if se > 0 else 0.0, "bands": bands, "rows": rows_per_band})
     assert result["stages"][-1]["removed"] == len(removed)
     return table
+
+
+def decontamination_check(seed: int = 0) -> dict:
+    """Held-out math decontamination: one random 13-token window of each held-out problem (prompt + solution, as the
+    index sees them) planted inside clean prose must be caught; the bundled math train split and standard-library
+    sources are counted as they are (the train split shares template text with the held-out problems)."""
+    from datatrove.data import Document
+    from datatrove.pipeline.decont import NGramsDecontFilter
+    from datatrove.utils.text import simplify_text
+
+    from yulan_tune.data.bundled import math_text_documents, stdlib_documents
+    from yulan_tune.data.cleaning import (
+        CachedSpacyTokenizer,
+        EvalSetIndex,
+        decontamination_config,
+        heldout_math_texts,
+    )
+
+    config, tokenizer = decontamination_config(13), CachedSpacyTokenizer()
+    rng = random.Random(seed)
+    heldout = heldout_math_texts()
+    with tempfile.TemporaryDirectory() as index:
+        EvalSetIndex(config, tokenizer).write(heldout, index)
+        decont = NGramsDecontFilter(index, config=config, language=tokenizer)
+
+        def flagged(texts: list[str]) -> int:
+            return sum(decont.filter(Document(text=t, id=str(i))) is not True for i, t in enumerate(texts))
+
+        def tokens(text: str) -> list[str]:
+            return tokenizer.word_tokenize(simplify_text(text, config.norm_config))
+
+        vocabulary = pair_vocabulary(seed)
+        plants = []
+        for item in heldout:
+            words = tokens(item.query) + tokens(item.label)
+            start = rng.randrange(len(words) - 12)
+            plants.append(" ".join(rng.choices(vocabulary, k=60)) + "\n\n" + " ".join(words[start:start + 13])
+                          + "\n\n" + " ".join(rng.choices(vocabulary, k=60)))
+        train, stdlib = math_text_documents(), stdlib_documents(limit=400)
+        return {"planted": len(plants), "planted_caught": flagged(plants), "math_train": len(train),
+                "math_train_flagged": flagged(train), "stdlib": len(stdlib), "stdlib_flagged": flagged(stdlib)}
+
+
+def tokenizer_comparison(documents: int = 1000, reps: int = 3) -> dict:
+    """Word tokenization of the same generated documents by datatrove's English tokenizer (a spaCy memory zone per
+    call) and by ours (the cache kept), alternating, `reps` times each: seconds per pass (the lowest) and the ratio."""
+    from datatrove.utils.word_tokenizers import load_word_tokenizer
+
+    from yulan_tune.data.cleaning import CachedSpacyTokenizer
+
+    texts = [row["text"] for row in web_documents(documents, seed=1)]
+    sides = {"datatrove": load_word_tokenizer("en"), "cached": CachedSpacyTokenizer("en")}
+    for tokenizer in sides.values():
+        tokenizer.word_tokenize(texts[0])  # build the pipeline outside the timing
+    seconds: dict[str, list[float]] = {name: [] for name in sides}
+    for _ in range(reps):
+        for name, tokenizer in sides.items():
+            started = time.perf_counter()
+            for text in texts:
+                tokenizer.word_tokenize(text)
+            seconds[name].append(time.perf_counter() - started)
+    best = {name: min(values) for name, values in seconds.items()}
+    return {"documents": documents, "seconds": seconds, "speedup": best["datatrove"] / best["cached"]}
 
 
 def web_documents(n: int, seed: int = 0) -> list[dict]:
@@ -203,11 +270,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--small-documents", type=int, default=20_000, help="second size, for the memory trend")
     parser.add_argument("--pairs", type=int, default=2000, help="planted pairs per similarity level")
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--tokenizer", action=argparse.BooleanOptionalAction, default=True,
+                        help="datatrove's English word tokenizer against ours, on the same documents")
+    parser.add_argument("--decontamination", action=argparse.BooleanOptionalAction, default=True,
+                        help="the held-out math decontamination check")
     parser.add_argument("--out", default="benchmarks/results/clean_throughput.json")
     args = parser.parse_args(argv)
     report: dict = {"measured_under_contention": True, "cpus": os.cpu_count()}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
+        if args.tokenizer:
+            report["tokenizer"] = tokens = tokenizer_comparison()
+            print(f"word tokenization of {tokens['documents']} documents: datatrove "
+                  f"{min(tokens['seconds']['datatrove']):.2f} s, cached {min(tokens['seconds']['cached']):.2f} s "
+                  f"({tokens['speedup']:.1f}x)", flush=True)
+        if args.decontamination:
+            report["decontamination"] = check = decontamination_check()
+            print(f"decontamination: planted held-out 13-grams caught {check['planted_caught']}/{check['planted']}; "
+                  f"flagged: bundled math train {check['math_train_flagged']}/{check['math_train']}, stdlib "
+                  f"{check['stdlib_flagged']}/{check['stdlib']}", flush=True)
         if args.pairs:
             report["minhash"] = detection_rates(args.pairs, work, workers=args.workers)
             for row in report["minhash"]:

@@ -76,8 +76,9 @@ def test_minhash_detection_rates_lie_within_three_standard_errors_of_lsh_theory(
     table = detection_rates(pairs=500, workdir=tmp_path, workers=2)
     assert [row["similarity"] for row in table] == list(SIMILARITIES)
     for row in table:
-        # the planted pairs have the target Jaccard over datatrove's own shingles, to within one shingle's rounding
-        assert abs(row["jaccard_min"] - row["similarity"]) < 0.005 and abs(row["jaccard_max"] - row["similarity"]) < 0.005
+        # the planted pairs have the target Jaccard over datatrove's own shingles, to within rounding k to a whole shingle
+        # (J moves in steps of about 2 * 100 / (200 - k)^2 = 0.0144 at s = 0.7: within half a step)
+        assert abs(row["jaccard_min"] - row["similarity"]) < 0.0075 and abs(row["jaccard_max"] - row["similarity"]) < 0.0075
         assert (row["bands"], row["rows"]) == (14, 8)
         assert abs(row["rate"] - row["theory"]) <= 3 * row["se"], row
         assert row["both_removed"] == 0  # a detected pair keeps one of its two documents
@@ -225,8 +226,9 @@ def test_clean_command_feeds_prepare_data_reruns_byte_identical_and_resumes(tmp_
     first, second = tmp_path / "first", tmp_path / "second"
     for out in (first, second):
         assert cli_main(["clean", str(data), "--out", str(out), "--config", web, "--decontaminate", "math-test",
-                         "--no-progress"]) == 0
+                         "lm-eval:yulan_math", "--no-progress"]) == 0
     metrics = json.loads((first / "yulan_tune_metrics.json").read_text())
+    assert set(metrics["decontamination_index"]) == {"math-test", "lm-eval_yulan_math"}
     stages = {row["stage"]: row for row in metrics["stages"]}
     assert stages["read"]["in"] == 62 and stages["read"]["detail"]["no_text"] == 1
     assert stages["exact_dedup"]["removed"] == 1
@@ -237,7 +239,7 @@ def test_clean_command_feeds_prepare_data_reruns_byte_identical_and_resumes(tmp_
     # rerunning into the same directory resumes (every task is done: nothing changes)
     before = tree_digest(first / "kept")
     assert cli_main(["clean", str(data), "--out", str(first), "--config", web, "--decontaminate", "math-test",
-                     "--no-progress"]) == 0
+                     "lm-eval:yulan_math", "--no-progress"]) == 0
     assert tree_digest(first / "kept") == before
 
     tokenizer = tiny_tokenizer()
@@ -261,6 +263,25 @@ def test_bad_inputs_are_one_line_and_exit_2(tmp_path, capsys):
                          exact_dedup=False, minhash=None, **ONLY_DEDUP)
     result = CleanRecipe(config, progress=False).run()
     assert result["stages"][0]["detail"]["bad_rows"] == 1 and result["documents_kept"] == 1
+
+
+def test_cached_tokenizer_gives_datatrove_tokens_sentences_and_spans_and_pickles():
+    import pickle
+
+    from datatrove.utils.word_tokenizers import load_word_tokenizer
+
+    from benchmarks.clean_throughput import web_documents
+    from yulan_tune.data.bundled import stdlib_documents
+    from yulan_tune.data.cleaning import CachedSpacyTokenizer
+
+    reference = load_word_tokenizer("en")  # datatrove's: a spaCy memory zone per call
+    ours = pickle.loads(pickle.dumps(CachedSpacyTokenizer("en", refresh_every=4)))  # rebuilt twice over 12 texts
+    texts = [d["text"] for d in web_documents(8)] + stdlib_documents(limit=2) + [
+        "Dr. Smith's e-mail (smith@example.org) said: \"It's 3.5% -- isn't it?\" Yes!", "naïve café ½ “quotes”"]
+    for text in texts:
+        assert ours.word_tokenize(text) == reference.word_tokenize(text)
+        assert ours.sent_tokenize(text) == reference.sent_tokenize(text)
+        assert ours.span_tokenize(text) == reference.span_tokenize(text)
 
 
 @pytest.mark.parametrize("name", ["clean_web.yaml", "clean_code.yaml", "clean_math.yaml"])

@@ -33,7 +33,6 @@ from lm_eval.utils import handle_non_serializable
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from yulan_tune.data.chat import end_of_turn_ids
-from yulan_tune.data.cleaning import EvalText
 
 TASKS_DIR = Path(__file__).resolve().parent / "tasks"
 MATH_TASK = "yulan_math"  # the bundled math problems (tasks/yulan_math)
@@ -217,13 +216,16 @@ def build_tasks(manager: TaskManager, names: Sequence[str], resolved: dict[str, 
 
 
 def task_texts(names: Sequence[str], *, include_path: Sequence[str | os.PathLike] | str | os.PathLike | None = None
-               ) -> list[EvalText]:
-    """Each evaluation document of the tasks `names` (tasks, groups or tags) as (prompt, reference) text, for the
-    decontamination index of `yulan-tune clean`; data not in the offline cache is one clear error naming it."""
+               ) -> list[Any]:
+    """Each evaluation document of the tasks `names` (tasks, groups or tags) as (prompt, reference) text
+    (`data.cleaning.EvalText`), for the decontamination index of `yulan-tune clean`; data not in the offline cache is
+    one clear error naming it."""
+    from yulan_tune.data.cleaning import EvalText  # datatrove is imported only when cleaning
+
     manager = task_manager(include_path)
     resolved = check_tasks(manager, list(names), allow_code_execution=True)  # nothing is run: only the text is read
     leaves = sorted({leaf for group in resolved.values() for leaf in group})
-    texts: list[EvalText] = []
+    texts = []
     for task in build_tasks(manager, leaves, {leaf: [leaf] for leaf in leaves}):
         with quiet_lm_eval():
             docs = list(task.eval_docs)
