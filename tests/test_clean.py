@@ -71,7 +71,7 @@ def test_exact_dedup_removes_exactly_the_planted_duplicates(tmp_path):
     assert [r["removed"] for r in result["stages"] if r["stage"] == "exact_dedup"] == [len(planted)]
 
 
-@pytest.mark.slow  # ~40 s on 2 busy cores (word-tokenizing 4,000 documents twice); benchmarks/clean_throughput.py
+@pytest.mark.slow  # 13-25 s on 2 busy cores; 2,000 pairs per level in benchmarks/clean_throughput.py
 def test_minhash_detection_rates_lie_within_three_standard_errors_of_lsh_theory(tmp_path):
     table = detection_rates(pairs=500, workdir=tmp_path, workers=2)
     assert [row["similarity"] for row in table] == list(SIMILARITIES)

@@ -63,6 +63,9 @@ def main(argv: list[str]) -> int:
                  f"{result['removed_dir']}/<stage>/ ({elapsed(started)}, {result['documents_per_second']} docs/s)")
     if result["score_buckets"]:
         lines.append("score buckets: " + ", ".join(f"{k} {v:,}" for k, v in result["score_buckets"].items()))
+    if result["ignored_files"]:
+        lines.append(f"ignored {len(result['ignored_files'])} files that are not data: "
+                     f"{', '.join(result['ignored_files'][:3])}")
     if result["decontamination_index"]:
         lines.append("decontamination index: " + ", ".join(
             f"{task} {n:,} {config.decontamination_ngrams}-grams" for task, n in result["decontamination_index"].items()))

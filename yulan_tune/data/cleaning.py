@@ -414,6 +414,13 @@ class TextFileReader(_BadRows, BaseDiskReader):
                 yield document
 
 
+def ignored_files(config: CleanConfig) -> list[str]:
+    """Files inside input directories that are not JSONL / Parquet / text (reported, not read)."""
+    known = JSONL_SUFFIXES + PARQUET_SUFFIXES + TEXT_SUFFIXES
+    return [str(p) for source in config.inputs if Path(source).expanduser().is_dir()
+            for p in sorted(Path(source).expanduser().rglob("*")) if p.is_file() and p.suffix.lower() not in known]
+
+
 def input_readers(config: CleanConfig) -> list[BaseDiskReader]:
     """One datatrove reader per input file kind and location; chained, they read every input in a fixed order."""
     kinds = ((JSONL_SUFFIXES, CleanJsonlReader), (PARQUET_SUFFIXES, CleanParquetReader),
@@ -746,6 +753,7 @@ class CleanRecipe:
                   "documents_per_second": round(read / seconds, 1) if seconds > 0 else None,
                   "decontamination_index": index_sizes, "score_buckets": score_buckets(stats.get("keep", [])),
                   "kept_dir": str(self.out / "kept"), "removed_dir": str(self.out / "removed"),
+                  "ignored_files": ignored_files(c),
                   "minhash": dataclasses.asdict(minhash) if minhash else None}
         return result
 
