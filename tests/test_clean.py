@@ -7,6 +7,8 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -140,27 +142,28 @@ def test_decontamination_agrees_with_a_brute_force_13gram_overlap_on_the_bundled
 
 
 def test_score_buckets_with_a_fasttext_model_and_a_hugging_face_classifier(tmp_path):
-    import fasttext
     import torch
     from transformers import AutoTokenizer, LlamaForSequenceClassification
 
     from yulan_tune.tiny import tiny_llama_config, tiny_tokenizer
 
-    # fastText's trainer (fasttext-numpy2-wheel 0.9.2) stops with "Encountered NaN" on some small data sets (it
-    # depends on the data, not on our code, which only loads and runs the model): draw another data set then
+    # fastText's trainer (fasttext-numpy2-wheel 0.9.2) stops with "Encountered NaN" on some small data sets, and in
+    # a process that ran the other tests before it more often than in a fresh one; training is only this test's
+    # fixture (our code loads and runs the model): train in a fresh interpreter, drawing another data set on NaN
     fasttext_model = tmp_path / "quality.bin"
+    train = ("import sys, fasttext; fasttext.train_supervised(input=sys.argv[1], epoch=10, verbose=0, thread=1)"
+             ".save_model(sys.argv[2])")
     for seed in range(3, 13):
         rng = random.Random(seed)
         docs = [{"id": f"d{i}", "text": " ".join("".join(rng.choices("abcdefgh", k=5)) for _ in range(40))
                  + (" river river" if i % 2 else "")} for i in range(80)]
         training = tmp_path / "ft.txt"
         training.write_text("".join(f"__label__{'hq' if 'river' in d['text'] else 'lq'} {d['text']}\n" for d in docs))
-        try:
-            fasttext.train_supervised(input=str(training), epoch=10, verbose=0, thread=1).save_model(
-                str(fasttext_model))
+        done = subprocess.run([sys.executable, "-c", train, str(training), str(fasttext_model)], capture_output=True,
+                              text=True)
+        if done.returncode == 0:
             break
-        except RuntimeError as error:
-            assert "NaN" in str(error)
+        assert "NaN" in done.stderr, done.stderr[-500:]
     inputs = write_jsonl(tmp_path / "in.jsonl", docs)
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_tokenizer(tmp_path / "tok"))
