@@ -17,6 +17,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "dpo": ("dpo", "preference training (DPO, IPO, SimPO, ORPO, KTO) from a YAML config"),
     "pretrain": ("pretrain", "pretrain a yulanmini model (muP, WSD, curriculum)"),
     "anneal": ("anneal", "anneal from a pre-annealing checkpoint with its optimizer states"),
+    "clean": ("clean", "clean raw text with datatrove: filters, decontamination, dedup, quality buckets"),
     "prepare-data": ("prepare_data", "tokenize and pack raw corpora for pretraining"),
     "check-data": ("check_data", "validate a dataset and show a rendered sample"),
     "convert": ("convert", "convert between yulanmini and Llama checkpoints"),

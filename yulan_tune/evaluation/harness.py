@@ -215,6 +215,30 @@ def build_tasks(manager: TaskManager, names: Sequence[str], resolved: dict[str, 
     return built
 
 
+def task_texts(names: Sequence[str], *, include_path: Sequence[str | os.PathLike] | str | os.PathLike | None = None
+               ) -> list[Any]:
+    """Each evaluation document of the tasks `names` (tasks, groups or tags) as (prompt, reference) text
+    (`data.cleaning.EvalText`), for the decontamination index of `yulan-tune clean`; data not in the offline cache is
+    one clear error naming it."""
+    from yulan_tune.data.cleaning import EvalText  # datatrove is imported only when cleaning
+
+    manager = task_manager(include_path)
+    resolved = check_tasks(manager, list(names), allow_code_execution=True)  # nothing is run: only the text is read
+    leaves = sorted({leaf for group in resolved.values() for leaf in group})
+    texts = []
+    for task in build_tasks(manager, leaves, {leaf: [leaf] for leaf in leaves}):
+        with quiet_lm_eval():
+            docs = list(task.eval_docs)
+        for doc in docs:
+            query, target = task.doc_to_text(doc), task.doc_to_target(doc)
+            choices = task.doc_to_choice(doc) if task.config.doc_to_choice is not None else None
+            if choices is not None and isinstance(target, int) and 0 <= target < len(choices):
+                target = choices[target]
+            label = " ".join(map(str, target)) if isinstance(target, (list, tuple)) else str(target)
+            texts.append(EvalText(f"lm-eval_{task.config.task}", str(query), label))
+    return texts
+
+
 # ------------------------------------------------------------------------------------------------ running
 
 
