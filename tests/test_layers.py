@@ -26,7 +26,7 @@ CONTRACT: list[list[list[str]]] = [
     [["yulan_tune.pretrain"]],
     [["yulan_tune.tiny"]],
     [["yulan_tune.sft"], ["yulan_tune.dpo"], ["yulan_tune.anneal"]],
-    [["yulan_tune.quickstart"], ["yulan_tune.app"]],
+    [["yulan_tune.quickstart"], ["yulan_tune.app"], ["yulan_tune.rejection_sampling"]],
     [["yulan_tune.commands"]],
     [["yulan_tune.cli", "yulan_tune"]],
 ]

@@ -71,9 +71,11 @@ def test_math_verdicts_with_reference_and_by_vote():
     verdicts = judge(_seed(answer=12), ["so \\boxed{12}", "The answer is 11.", "hmm"], template, config)
     assert [(v["accepted"], v["reason"]) for v in verdicts] == [(True, "correct"), (False, "wrong answer"),
                                                                  (False, "no answer")]
-    votes = judge(_seed(), ["\\boxed{6}", "6.0", "The answer is 7.", "nothing"], template, config)
-    assert [(v["accepted"], v["reason"]) for v in votes] == [(True, "majority"), (True, "majority"),
-                                                              (False, "minority"), (False, "no answer")]
+    votes = judge(_seed(), ["\\boxed{6}", "6.0", "The answer is 6", "The answer is 7.", "nothing",
+                            "\\boxed{6} \\boxed{7}"], template, config)  # 6 holds 3 of 6 votes
+    assert [(v["accepted"], v["reason"]) for v in votes] == [(True, "majority"), (True, "majority"), (True, "majority"),
+                                                              (False, "minority"), (False, "no answer"),
+                                                              (False, "ambiguous answer")]
     split = judge(_seed(), ["\\boxed{1}", "\\boxed{2}", "\\boxed{3}"], template, config)
     assert {v["reason"] for v in split} == {"no majority"} and not any(v["accepted"] for v in split)
     assert judge(_seed(), ["\\boxed{1}"], template, config)[0]["reason"] == "single sample"
@@ -140,11 +142,18 @@ def test_resume_drops_torn_and_incomplete_seeds_and_equals_an_uninterrupted_run(
     assert Synthesizer(config, again).run(SEEDS, run, show_progress=False).generated == 0 and again.asked == 0
 
 
-def test_resume_with_other_settings_is_refused(tmp_path):
+def test_resume_with_other_settings_or_seeds_is_refused_and_a_grown_input_goes_on(tmp_path):
     Synthesizer(SynthesisConfig(n=2), CountingBackend()).run(SEEDS[:2], tmp_path, show_progress=False)
     with pytest.raises(ValueError, match="settings.temperature differ"):
         Synthesizer(SynthesisConfig(n=2, temperature=0.9), CountingBackend()).run(SEEDS[:2], tmp_path,
                                                                                   show_progress=False)
+    changed = [{**SEEDS[0], "question": "What is 9 + 9?"}, SEEDS[1]]
+    with pytest.raises(ValueError, match="seed 'q0' was sampled from another prompt"):
+        Synthesizer(SynthesisConfig(n=2), CountingBackend()).run(changed, tmp_path, show_progress=False)
+    with pytest.raises(ValueError, match="holds seed 'q1', which is not in the input"):
+        Synthesizer(SynthesisConfig(n=2), CountingBackend()).run(SEEDS[:1], tmp_path, show_progress=False)
+    grown = Synthesizer(SynthesisConfig(n=2), CountingBackend()).run(SEEDS[:4], tmp_path, show_progress=False)
+    assert (grown.done_before, grown.generated, grown.samples) == (2, 2, 8)
 
 
 def test_bad_seed_rows(tmp_path):

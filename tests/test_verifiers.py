@@ -53,6 +53,11 @@ def test_verify_math_reasons():
     wrong = verify_math("The answer is 11.", 12)
     assert (wrong.correct, wrong.reason, wrong.extracted) == (False, "wrong answer", "11")
     assert verify_math("I do not know.", 12).reason == "no answer"
+    # ran on past its answer into another one: not credited, whichever is right
+    ran_on = verify_math("4 + 8 = 12. The answer is 12.lias. The answer is 5.", 12)
+    assert (ran_on.correct, ran_on.reason, ran_on.extracted) == (False, "ambiguous answer", "5")
+    assert verify_math("The answer is 12. So the answer is 12.0.", 12).correct
+    assert verify_math("the answer is 3? No: \\boxed{12}", 12).correct  # a boxed answer outranks the prose
 
 
 @pytest.mark.parametrize("split, n", [("train", 1000), ("test", 200)])  # dpo_tiny.yaml's pair counts

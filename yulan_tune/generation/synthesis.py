@@ -17,7 +17,8 @@ Resuming: samples are appended to `samples.jsonl` one seed at a time (all of a s
 seeds per flush); a restarted run drops a torn last line and a seed whose samples are incomplete, skips the seeds that
 are done and generates the rest in the same order. Sampling is seeded per (conversation, sample) (`sample_seed`), so
 the resumed file equals the one an uninterrupted run writes. `synth_run.json` records what the run was started with;
-a restart with other settings is refused instead of mixing two runs in one file.
+a restart with other settings, or with another prompt under a done seed's id, is refused instead of mixing two runs
+in one file (the input may grow, or be cut with `max_seeds`, between runs).
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ from yulan_tune.data.records import (
 from yulan_tune.generation.backends import SamplingSettings
 from yulan_tune.generation.templates import PromptTemplate, load_template
 from yulan_tune.verifiers.code import run_code_tests
-from yulan_tune.verifiers.math import answers_equivalent, extract_final_answer, verify_math
+from yulan_tune.verifiers.math import answers_equivalent, extract_final_answer, is_ambiguous, verify_math
 from yulan_tune.verifiers.vote import majority_answer
 
 logger = logging.getLogger("yulan_tune.synth")
@@ -194,15 +195,16 @@ def _math_solution_verdicts(seed: Seed, completions: list[str], min_share: float
             verdicts.append(_verdict(verdict.correct, verdict.reason, detail, "reference answer",
                                      answer=verdict.extracted))
         return verdicts
-    answers = [extract_final_answer(c) for c in completions]
+    answers = [None if is_ambiguous(c) else extract_final_answer(c) for c in completions]
     if len(completions) < 2:
         return [_verdict(False, "single sample", "no reference answer, and one sample cannot be voted on (n >= 2)",
                          "vote", answer=answers[0])]
     majority, share = majority_answer(answers)
     verdicts = []
-    for answer in answers:
+    for completion, answer in zip(completions, answers):
         if answer is None:
-            verdicts.append(_verdict(False, "no answer", "no final answer", "vote", answer=None))
+            reason = "ambiguous answer" if is_ambiguous(completion) else "no answer"
+            verdicts.append(_verdict(False, reason, "no single final answer", "vote", answer=None))
         elif share < min_share:
             verdicts.append(_verdict(False, "no majority", f"most common answer {majority!r} has {share:.2f} of the "
                                      f"votes < {min_share:.2f}", "vote", answer=answer))
@@ -308,13 +310,25 @@ def _write_jsonl_atomically(path: Path, rows: Iterable[dict]) -> None:
     staging.replace(path)
 
 
-def _identity(config: SynthesisConfig, template: PromptTemplate, seeds: list[Seed], backend: dict) -> dict:
-    seeds_digest = hashlib.sha256(json.dumps([[s.id, s.prompt, s.row] for s in seeds], sort_keys=True,
-                                             ensure_ascii=False, default=str).encode()).hexdigest()
-    settings = {k: v for k, v in dataclasses.asdict(config).items() if k not in ("chunk_size", "on_bad_rows")}
+def _identity(config: SynthesisConfig, template: PromptTemplate, backend: dict) -> dict:
+    settings = {k: v for k, v in dataclasses.asdict(config).items()
+                if k not in ("chunk_size", "on_bad_rows", "max_seeds")}  # these never change a sample
     return {"settings": settings, "template": template.name,
-            "template_sha256": hashlib.sha256(template.text.encode()).hexdigest(),
-            "seeds_sha256": seeds_digest, "backend": backend}
+            "template_sha256": hashlib.sha256(template.text.encode()).hexdigest(), "backend": backend}
+
+
+def _check_done_seeds(path: Path, done: dict[str, list[dict]], seeds: list[Seed]) -> None:
+    """The seeds found done must be the input's seeds of the same id, with the same prompt and reference (the input
+    may have grown or been cut with --limit; it may not have changed under a done seed)."""
+    by_id = {seed.id: seed for seed in seeds}
+    for seed_id, rows in done.items():
+        seed = by_id.get(seed_id)
+        if seed is None:
+            raise ValueError(f"{path} holds seed {seed_id!r}, which is not in the input; resume with the same seeds, "
+                             "or use another --out")
+        if rows[0]["prompt"] != seed.prompt or rows[0]["reference"] != seed.reference:
+            raise ValueError(f"{path}: seed {seed_id!r} was sampled from another prompt or reference than the input's "
+                             f"({seed.where}); resume with the same seeds, or use another --out")
 
 
 def _check_identity(out: Path, identity: dict) -> None:
@@ -357,7 +371,7 @@ class Synthesizer:
         config, out = self.config, Path(out_dir)
         seed_rows, skipped = read_seeds(seeds, self.template, on_bad_rows=config.on_bad_rows,
                                         max_seeds=config.max_seeds)
-        _check_identity(out, _identity(config, self.template, seed_rows, self.backend_identity))
+        _check_identity(out, _identity(config, self.template, self.backend_identity))
         samples_path = out / SAMPLES_FILE
         done, good_end = _read_done(samples_path, config.n)
         if samples_path.is_file() and samples_path.stat().st_size != good_end:
@@ -365,9 +379,7 @@ class Synthesizer:
                         samples_path, samples_path.stat().st_size - good_end)
             with open(samples_path, "r+b") as handle:
                 handle.truncate(good_end)
-        unknown = sorted(set(done) - {s.id for s in seed_rows})
-        if unknown:
-            raise ValueError(f"{samples_path} holds seeds that are not in the input ({', '.join(unknown[:3])}...)")
+        _check_done_seeds(samples_path, done, seed_rows)
         todo = [seed for seed in seed_rows if seed.id not in done]
         settings = config.sampling()
         bar = progress(total=len(seed_rows), initial=len(seed_rows) - len(todo), desc="synth", unit="seed",

@@ -6,8 +6,15 @@ program run against its tests in a subprocess with time and memory limits and no
 """
 
 from yulan_tune.verifiers.code import CODE_OUTCOMES, CodeVerdict, network_isolation, run_code_tests
-from yulan_tune.verifiers.math import MathVerdict, answers_equivalent, extract_final_answer, verify_math
+from yulan_tune.verifiers.math import (
+    MathVerdict,
+    answers_equivalent,
+    extract_final_answer,
+    is_ambiguous,
+    stated_answers,
+    verify_math,
+)
 from yulan_tune.verifiers.vote import majority_answer
 
 __all__ = ["CODE_OUTCOMES", "CodeVerdict", "MathVerdict", "answers_equivalent", "extract_final_answer",
-           "majority_answer", "network_isolation", "run_code_tests", "verify_math"]
+           "is_ambiguous", "majority_answer", "network_isolation", "run_code_tests", "stated_answers", "verify_math"]

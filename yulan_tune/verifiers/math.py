@@ -2,7 +2,9 @@
 
 `extract_final_answer` reads, in this order, the last `\\boxed{...}` (braces nested to any depth; YuLan's long-CoT
 synthesis asks for boxed answers, docs/yulan_reference.md section 5), the last "The answer is X" (the bundled math
-data's convention, `data.math_problems.MATH_INSTRUCTION`), else the last number in the text.
+data's convention, `data.math_problems.MATH_INSTRUCTION`), else the last number in the text. `verify_math` credits
+no completion that states two different final answers (a sampled tiny model often runs on past "The answer is 8."
+into "... The answer is 5."; the held-out metric, `data.math_problems.extract_answer`, reads the first statement).
 
 `answers_equivalent` compares exactly where both sides are plain numbers (integers, decimals, fractions, with
 thousands separators: the common case, decided without sympy), and otherwise through `math-verify` (LaTeX and plain
@@ -16,7 +18,7 @@ import threading
 from dataclasses import dataclass
 from fractions import Fraction
 
-MATH_REASONS = ("correct", "wrong answer", "no answer")
+MATH_REASONS = ("correct", "wrong answer", "no answer", "ambiguous answer")
 _BOXED = re.compile(r"\\(?:boxed|fbox)\s*\{")
 _ANSWER_IS = re.compile(r"answer is\s*:?\s*(.+?)(?:\.(?=\s|$)|\n|$)", re.IGNORECASE)
 _NUMBER = re.compile(r"-?\d+(?:,\d{3})*(?:\.\d+)?(?:/\d+)?")
@@ -52,16 +54,29 @@ def _clean(answer: str) -> str:
     return answer.rstrip(".").strip()
 
 
+def stated_answers(text: str) -> list[str]:
+    """Every explicit final-answer statement of a completion, in order: its \\boxed{...} contents if it has any,
+    else its "The answer is X" statements (empty when it has neither)."""
+    boxed = [_clean(b) for b in _boxed_contents(text)]
+    if any(boxed):
+        return [b for b in boxed if b]
+    return [_clean(s) for s in _ANSWER_IS.findall(text) if _clean(s)]
+
+
 def extract_final_answer(text: str) -> str | None:
     """The final answer of a completion: last \\boxed{...}, else last "The answer is X", else the last number."""
-    boxed = _boxed_contents(text)
-    if boxed:
-        return _clean(boxed[-1]) or None
-    stated = _ANSWER_IS.findall(text)
-    if stated and _clean(stated[-1]):
-        return _clean(stated[-1])
+    stated = stated_answers(text)
+    if stated:
+        return stated[-1]
     numbers = _NUMBER.findall(text)
     return numbers[-1].replace(",", "") if numbers else None
+
+
+def is_ambiguous(text: str) -> bool:
+    """Whether a completion states two different final answers (a model that runs on past its answer and states
+    another, or changes its mind): then no single answer can be credited to it."""
+    stated = stated_answers(text)
+    return any(not answers_equivalent(other, stated[0]) for other in stated[1:])
 
 
 def _as_fraction(answer: str) -> Fraction | None:
@@ -104,10 +119,13 @@ def answers_equivalent(predicted: str, reference: str) -> bool:
 
 
 def verify_math(completion: str, reference: str | int | float) -> MathVerdict:
-    """Whether the final answer of `completion` equals `reference` ("correct", "wrong answer" or "no answer")."""
+    """Whether the final answer of `completion` equals `reference`: "correct", "wrong answer", "no answer", or
+    "ambiguous answer" (two different final answers stated, `is_ambiguous`; never credited, even if one is right)."""
     extracted = extract_final_answer(completion)
     if extracted is None:
         return MathVerdict(False, "no answer", None)
+    if is_ambiguous(completion):
+        return MathVerdict(False, "ambiguous answer", extracted)
     if answers_equivalent(extracted, str(reference)):
         return MathVerdict(True, "correct", extracted)
     return MathVerdict(False, "wrong answer", extracted)
