@@ -18,6 +18,7 @@ regenerates a lost row exactly:
 from __future__ import annotations
 
 import hashlib
+import http.client
 import json
 import os
 import threading
@@ -187,7 +188,7 @@ class OpenAIBackend:
                 if error.code not in _RETRYABLE_STATUS:
                     raise GenerationError(f"{self.url}: {last}") from error
                 continue
-            except (urllib.error.URLError, TimeoutError, ConnectionError) as error:
+            except (urllib.error.URLError, TimeoutError, ConnectionError, http.client.HTTPException) as error:
                 last = str(getattr(error, "reason", error))
                 continue
             except ValueError as error:  # not JSON
