@@ -42,6 +42,7 @@ def test_a_model_with_no_verified_sample_stops_with_one_line(tiny_dir, tmp_path)
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # trains the quickstart's SFT model (51 updates) first: minutes on 2 busy cores
 def test_a_small_round_end_to_end_and_rerun_reuses_its_stages(tmp_path):
     config = RejectionSamplingConfig(out_dir=str(tmp_path), train_problems=48, samples_per_problem=4,
                                      eval_problems=40, sft_overrides=["--max_steps", "5"])
@@ -52,3 +53,10 @@ def test_a_small_round_end_to_end_and_rerun_reuses_its_stages(tmp_path):
     again = run_rejection_sampling(config, show_progress=False)
     assert (again.before, again.after, again.train_rows) == (result.before, result.after, result.train_rows)
     assert "fine_tune" in again.seconds
+
+
+def test_command_checks_its_fine_tune_overrides_before_it_starts(tmp_path, capsys):
+    from yulan_tune.cli import main as cli_main
+
+    assert cli_main(["rejection-sample", "--out", str(tmp_path / "out"), "--no_such_field", "1"]) == 2
+    assert "--no_such_field" in capsys.readouterr().err and not (tmp_path / "out" / "sft").exists()

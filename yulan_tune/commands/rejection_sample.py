@@ -10,6 +10,7 @@ from pathlib import Path
 
 from yulan_tune.console import METRICS_FILE, elapsed, summary, write_metrics
 from yulan_tune.rejection_sampling import ROUND_SFT_CONFIG, RejectionSamplingConfig, run_rejection_sampling
+from yulan_tune.sft import parse_config as parse_sft_config
 
 
 def main(argv: list[str]) -> int:
@@ -29,10 +30,11 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size, help="sequences sampled together")
     parser.add_argument("--seed", type=int, default=defaults.seed)
     args, sft_overrides = parser.parse_known_args(argv)
-    if any(not item.startswith("--") for item in sft_overrides[:1]):
-        raise ValueError(f"unrecognized arguments: {' '.join(sft_overrides)}")
     if not Path(args.config).is_file():
         raise FileNotFoundError(f"--config {args.config}: no such file")
+    # the rest are `--field value` overrides of the fine-tune's SFT config: checked now, not after an hour of sampling
+    parse_sft_config(["--config", args.config, "--model_name_or_path", "tiny", "--output_dir", args.out,
+                      *sft_overrides])
     started = time.time()
     config = RejectionSamplingConfig(
         out_dir=args.out, sft_model=args.sft_model, train_problems=args.train_problems,
