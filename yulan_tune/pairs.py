@@ -41,6 +41,10 @@ logger = logging.getLogger(__name__)
 
 SAMPLES_FILE = "samples.jsonl"
 PAIRS_FILE = "pairs.jsonl"
+CONFIG_FILE = "pairs_config.json"
+# what the samples already in samples.jsonl depend on: a resumed run must match them
+SAMPLING_FIELDS = ("model", "prompts", "samples", "temperature", "top_p", "max_new_tokens", "seed", "backend",
+                   "adapter", "num_bundled_prompts", "split")
 # why a prompt gave no pair
 NO_PAIR_REASONS = ("all_correct", "all_wrong", "tied_scores", "no_label", "one_sample")
 
@@ -138,6 +142,17 @@ class PairsRecipe:
             return Labelled(texts, None, scores, "reward_model")
         return Labelled(texts, None, None, "none")
 
+    def _check_same_run(self) -> None:
+        """Resuming is only right for the same model, prompts and sampling: refuse to mix two runs' samples."""
+        previous_file = self.out / CONFIG_FILE
+        if not (self.out / SAMPLES_FILE).is_file() or not previous_file.is_file():
+            return
+        previous, current = json.loads(previous_file.read_text()), asdict(self.config)
+        changed = [k for k in SAMPLING_FIELDS if previous.get(k) != current[k]]
+        if changed:
+            raise ValueError(f"{self.out / SAMPLES_FILE} holds samples of another run ({', '.join(changed)} differ: "
+                             f"{ {k: previous.get(k) for k in changed} }); use another --out or delete it")
+
     # sampling (resumable) --------------------------------------------------------------------------------------------
     def _done(self) -> dict[int, dict]:
         """Prompts already sampled by an earlier run into samples.jsonl (a torn last line is dropped)."""
@@ -180,7 +195,8 @@ class PairsRecipe:
         if c.reward_model:
             self.reward_model = RewardModelScore(c.reward_model, clip=None)
         self.out.mkdir(parents=True, exist_ok=True)
-        (self.out / "pairs_config.json").write_text(json.dumps(asdict(c), indent=2) + "\n")
+        self._check_same_run()
+        (self.out / CONFIG_FILE).write_text(json.dumps(asdict(c), indent=2) + "\n")
         done = self._done()
         resumed = len(done)
         todo = [i for i in range(len(prompts)) if i not in done]
