@@ -27,6 +27,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("eval", "evaluate a model: lm-eval tasks (--tasks), else held-out math exact-match"),
     "dynamics": ("dynamics", "training dynamics of a series of checkpoints: norms, spectra, CKA, probe loss"),
     "compare": ("compare", "several models or eval runs on the same tasks: table, paired test, chart"),
+    "synth": ("synth", "synthesize math / code / rewrite data with a model or server, verified, resumable"),
     "app": ("app", "Gradio chat app to try a model"),
 }
 
