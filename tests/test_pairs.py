@@ -70,7 +70,7 @@ def test_pairs_on_the_tiny_model_label_count_and_feed_dpo(tiny_dir: Path, tmp_pa
     rm_metrics = json.loads((reward_out / "yulan_tune_metrics.json").read_text())
     assert rm_metrics["labelled_by"] == {"math": 2, "reward_model": 1}
     rows = [json.loads(line) for line in (reward_out / PAIRS_FILE).read_text().splitlines()]
-    poem = [r for r in rows if r["label"] == "reward_model"]
+    poem = [r for r in rows if r["labelled_by"] == "reward_model"]
     assert len(poem) == 1 and poem[0]["chosen"] != poem[0]["rejected"]
     examples, report = load_preference_examples(str(reward_out / PAIRS_FILE))
     assert len(examples) == rm_metrics["pairs"] and all(isinstance(e, PreferenceExample) for e in examples)

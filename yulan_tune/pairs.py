@@ -238,7 +238,7 @@ class PairsRecipe:
                 for chosen, rejected in pairs:
                     pairs_file.write(json.dumps({
                         "prompt": row["prompt"], "chosen": [{"role": "assistant", "content": chosen}],
-                        "rejected": [{"role": "assistant", "content": rejected}], "label": labelled.how,
+                        "rejected": [{"role": "assistant", "content": rejected}], "labelled_by": labelled.how,
                     }, ensure_ascii=False) + "\n")
                     n_pairs += 1
         metrics = {"prompts": len(prompts), "samples_per_prompt": c.samples, "pairs": n_pairs,
