@@ -122,6 +122,7 @@ def test_advantages_and_kl_term_match_a_direct_computation(tiny_dir: Path, tmp_p
         for p in trainer.model.parameters():
             p.add_(torch.randn_like(p) * 0.02)
     trainer.model.train()
+    trainer.current_gradient_accumulation_steps = 1  # set by Trainer's loop for each accumulation window
     trainer._metrics["train"].clear()
     loss = trainer.compute_loss(trainer.model, batch)
     input_ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], 1)

@@ -101,6 +101,6 @@ def test_bad_input_is_one_line(tiny_dir: Path, tmp_path: Path, capsys) -> None:
     bad.write_text(json.dumps({"prompt": "fine", "answer": 1}) + "\n" + json.dumps({"answer": 3}) + "\n")
     assert cli_main(["pairs", "--model", str(tiny_dir), "--prompts", str(bad), "--out", str(tmp_path / "o")]) == 2
     error = capsys.readouterr().err.strip()
-    assert "bad.jsonl" in error and "line 2" in error and "prompt" in error and len(error.splitlines()) == 1
+    assert "bad.jsonl:2" in error and "'prompt'" in error and len(error.splitlines()) == 1
     with pytest.raises(ValueError, match="samples must be at least 2"):
         PairsConfig(samples=1)

@@ -89,6 +89,9 @@ class GRPOConfig(trl.GRPOConfig, PostTrainingModelConfig):
     kl_horizon: int = field(default=10000, metadata={"help": "adaptive KL horizon in samples (OpenRLHF's default)"})
     eval_math_problems: int = field(default=0, metadata={
         "help": "if > 0, held-out math exact-match before and after training on this many bundled problems"})
+    # the adaptive KL controller is a stateful callback: restore its coefficient on resume (transformers' default
+    # restores no callback state)
+    restore_callback_states_from_checkpoint: bool = True
     use_vllm: bool | None = field(default=None, metadata={
         "help": "generate with vLLM; default: where vllm is installed and CUDA is available"})
     gradient_checkpointing: bool | None = None
