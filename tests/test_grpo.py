@@ -166,7 +166,8 @@ def test_resume_from_the_last_complete_checkpoint(tiny_dir: Path, tmp_path: Path
               "--per_device_train_batch_size", "8", "--max_completion_length", "8", "--max_steps", "2",
               "--learning_rate", "1e-3", "--save_strategy", "steps", "--save_steps", "1", "--logging_steps", "1",
               "--report_to", "none", "--disable_tqdm", "true", "--activation_checkpointing", "false",
-              "--beta", "0.01", "--kl_target", "0.06", "--kl_horizon", "100", "--rewards", "math", "format",
+              "--beta", "0.01", "--kl_target", "0.06", "--kl_horizon", "100", "--rewards", "one_sentence", "truncation",
+              "math",
               "--lr_scheduler_type", "constant"]
     assert cli_main(["grpo", *common, "--output_dir", str(tmp_path / "full")]) == 0
     # a run stopped after its first checkpoint (the second checkpoint never got its completion record), resumed
