@@ -7,8 +7,8 @@ PIP := $(PY) -m pip
 TORCH_PIN ?= torch==2.13.0
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: quickstart test test-slow install install-test install-serve browser dpo-quickstart bench gpu-check clean \
-	deepspeed-fixtures
+.PHONY: quickstart test test-slow install install-test install-serve browser dpo-quickstart instruct-quickstart bench gpu-check \
+	clean deepspeed-fixtures
 
 $(VENV)/.installed: pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
@@ -36,6 +36,10 @@ quickstart: install
 
 dpo-quickstart: install
 	$(VENV)/bin/yulan-tune quickstart --dpo
+
+# SFT -> on-policy DPO -> GRPO, each stage's exact-match on 1000 held-out problems (+ DPO on the fixed pairs, compared)
+instruct-quickstart: install
+	$(VENV)/bin/yulan-tune quickstart --instruct --compare-fixed-pairs
 
 test: install-test
 	$(PY) -m pytest -q

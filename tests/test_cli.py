@@ -27,7 +27,7 @@ def no_debug(monkeypatch):
     monkeypatch.delenv(DEBUG_ENV, raising=False)
 
 
-@pytest.mark.parametrize("command", ["sft", "dpo", "pretrain", "anneal"])
+@pytest.mark.parametrize("command", ["sft", "dpo", "grpo", "pretrain", "anneal"])
 def test_missing_config_file_is_one_line(command, tmp_path, capsys):
     assert cli_main([command, "--config", str(tmp_path / "nope.yaml")]) == 2
     assert "nope.yaml" in one_error_line(capsys, command)

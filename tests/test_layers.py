@@ -3,7 +3,7 @@
 and the import graph must have no cycle.
 
 A module may import from a lower level, or from its own group; groups that share a level never import each other
-(data and modeling, loading and training and verifiers, sft / dpo / anneal).
+(data and modeling, loading and training and verifiers, sft / dpo / anneal / grpo / pairs).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ CONTRACT: list[list[list[str]]] = [
     [["yulan_tune.evaluation"], ["yulan_tune.export"], ["yulan_tune.chat_session"], ["yulan_tune.generation"]],
     [["yulan_tune.pretrain"]],
     [["yulan_tune.tiny"]],
-    [["yulan_tune.sft"], ["yulan_tune.dpo"], ["yulan_tune.anneal"]],
+    [["yulan_tune.sft"], ["yulan_tune.dpo"], ["yulan_tune.anneal"], ["yulan_tune.grpo"], ["yulan_tune.pairs"]],
     [["yulan_tune.quickstart"], ["yulan_tune.app"], ["yulan_tune.rejection_sampling"]],
     [["yulan_tune.commands"]],
     [["yulan_tune.cli", "yulan_tune"]],

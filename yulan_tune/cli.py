@@ -15,6 +15,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "tiny": ("tiny", "build the offline tiny YuLan (tokenizer + model) into a dir"),
     "sft": ("sft", "supervised fine-tuning (full / LoRA / QLoRA) from a YAML config"),
     "dpo": ("dpo", "preference training (DPO, IPO, SimPO, ORPO, KTO) from a YAML config"),
+    "pairs": ("pairs", "on-policy preference pairs: sample K answers per prompt, label by verifier or reward model"),
+    "grpo": ("grpo", "RL with verifiable rewards (GRPO; KL control, YuLan's penalties) from a YAML config"),
     "pretrain": ("pretrain", "pretrain a yulanmini model (muP, WSD, curriculum)"),
     "anneal": ("anneal", "anneal from a pre-annealing checkpoint with its optimizer states"),
     "clean": ("clean", "clean raw text with datatrove: filters, decontamination, dedup, quality buckets"),

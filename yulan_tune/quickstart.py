@@ -2,6 +2,12 @@
 
 With `dpo=True` (`make dpo-quickstart`) the SFT stage trains longer (tiny_full_long.yaml) and DPO follows on its
 model (dpo_tiny.yaml), scored on held-out math and preference pairs.
+
+`run_instruct_quickstart` (`make instruct-quickstart`) is YuLan-Mini-Instruct's recipe in small: SFT
+(tiny_full_long.yaml) -> on-policy preference pairs sampled from the SFT model and labelled by the math verifier
+(`yulan-tune pairs`) -> DPO on them (dpo_tiny.yaml) -> GRPO with verifiable rewards (grpo_tiny.yaml), each stage's
+held-out exact-match measured on the same problems; optionally DPO on the bundled fixed pairs from the same SFT
+model as the baseline the on-policy pairs are compared with.
 """
 
 from __future__ import annotations
@@ -14,8 +20,12 @@ from typing import Any
 from yulan_tune.data.math_problems import generate_problems
 from yulan_tune.dpo import DPORecipe
 from yulan_tune.dpo import parse_config as parse_dpo_config
-from yulan_tune.evaluation.exact_match import math_accuracy
+from yulan_tune.evaluation.exact_match import math_accuracy, math_correct
+from yulan_tune.evaluation.paired import compare_paired
+from yulan_tune.grpo import GRPORecipe
+from yulan_tune.grpo import parse_config as parse_grpo_config
 from yulan_tune.loading import load_model, load_tokenizer
+from yulan_tune.pairs import PairsConfig, PairsRecipe
 from yulan_tune.paths import RECIPES_DIR
 from yulan_tune.sft import SFTRecipe
 from yulan_tune.sft import parse_config as parse_sft_config
@@ -25,6 +35,10 @@ QUICKSTART_CONFIG = RECIPES_DIR / "configs" / "tiny_full.yaml"
 # --dpo trains the SFT stage longer: DPO needs a model that reads the operands (see the config's comment)
 DPO_BASE_CONFIG = RECIPES_DIR / "configs" / "tiny_full_long.yaml"
 QUICKSTART_DPO_CONFIG = RECIPES_DIR / "configs" / "dpo_tiny.yaml"
+QUICKSTART_GRPO_CONFIG = RECIPES_DIR / "configs" / "grpo_tiny.yaml"
+# on-policy pairs of the instruct quickstart: 4 samples per prompt as YuLan's PPO, at its sampling temperature 1.0
+INSTRUCT_PAIRS = PairsConfig(prompts="bundled:math_chat", samples=4, temperature=1.0, max_new_tokens=48,
+                             num_bundled_prompts=1500, pairs_per_prompt=1, seed=0)
 
 
 @dataclass
@@ -68,3 +82,81 @@ def run_quickstart(out: str | Path = "outputs/quickstart", *, num_problems: int 
         result.dpo = run_dpo_quickstart(model_dir, result.dpo_dir)
         seconds["dpo"] = time.time() - started
     return result
+
+
+@dataclass
+class InstructQuickstartResult:
+    out: Path
+    exact_match: dict[str, float]  # stage -> held-out exact-match
+    paired: dict[str, dict[str, Any]]  # "a -> b" -> McNemar comparison on the same problems
+    seconds: dict[str, float]  # stage -> seconds the stage took
+    stages: dict[str, dict[str, Any]] = field(default_factory=dict)  # stage -> its recipe's metrics
+
+
+def run_instruct_quickstart(out: str | Path = "outputs/instruct_quickstart", *, num_problems: int = 1000,
+                            compare_fixed_pairs: bool = False, sft_model: str | Path | None = None
+                            ) -> InstructQuickstartResult:
+    """SFT -> on-policy pairs -> DPO -> GRPO on the tiny YuLan; every model scored on the same `num_problems`
+    held-out problems (greedy, exact final answer), each step's change tested with McNemar's exact test.
+    `sft_model`: start from this SFT model instead of training one."""
+    out = Path(out)
+    problems = generate_problems(num_problems, seed=0, split="test")
+    seconds: dict[str, float] = {}
+    stages: dict[str, dict[str, Any]] = {}
+    correct: dict[str, list[bool]] = {}
+
+    def stage(name: str, started: float) -> None:
+        seconds[name] = round(time.time() - started, 1)
+
+    started = time.time()
+    if sft_model is None:
+        tiny_dir = build_tiny()
+        stage("tiny", started)
+        started = time.time()
+        sft_dir = out / "sft"
+        config = parse_sft_config(["--config", str(DPO_BASE_CONFIG), "--model_name_or_path", str(tiny_dir),
+                                   "--output_dir", str(sft_dir)])
+        recipe = SFTRecipe(config)
+        stages["sft"] = recipe.run()
+        model, tokenizer = recipe.trainer.model, recipe.tokenizer
+        stage("sft", started)
+    else:
+        sft_dir = Path(sft_model)
+        model, tokenizer = load_model(sft_dir), load_tokenizer(sft_dir)
+    started = time.time()
+    correct["sft"] = math_correct(model, tokenizer, problems, show_progress=True)
+    stage("sft_eval", started)
+
+    started = time.time()
+    pairs_config = PairsConfig(**{**INSTRUCT_PAIRS.__dict__, "model": str(sft_dir), "out": str(out / "pairs")})
+    stages["pairs"] = PairsRecipe(pairs_config).run()
+    stage("pairs", started)
+
+    def dpo(name: str, extra: list[str]) -> None:
+        began = time.time()
+        config = parse_dpo_config(["--config", str(QUICKSTART_DPO_CONFIG), "--model_name_or_path", str(sft_dir),
+                                   "--output_dir", str(out / name), "--eval_math_problems", "0", *extra])
+        dpo_recipe = DPORecipe(config)
+        stages[name] = dpo_recipe.run()
+        correct[name] = math_correct(dpo_recipe.trainer.model, dpo_recipe.tokenizer, problems, show_progress=True)
+        stage(name, began)
+
+    dpo("dpo_on_policy", ["--dataset", stages["pairs"]["pairs_file"]])
+    if compare_fixed_pairs:
+        dpo("dpo_fixed_pairs", [])
+
+    started = time.time()
+    config = parse_grpo_config(["--config", str(QUICKSTART_GRPO_CONFIG), "--model_name_or_path",
+                                str(out / "dpo_on_policy"), "--output_dir", str(out / "grpo"),
+                                "--eval_math_problems", "0"])
+    grpo_recipe = GRPORecipe(config)
+    stages["grpo"] = grpo_recipe.run()
+    correct["grpo"] = math_correct(grpo_recipe.trainer.model, grpo_recipe.tokenizer, problems, show_progress=True)
+    stage("grpo", started)
+
+    comparisons = [("sft", "dpo_on_policy"), ("dpo_on_policy", "grpo"), ("sft", "grpo")]
+    if compare_fixed_pairs:
+        comparisons += [("sft", "dpo_fixed_pairs"), ("dpo_fixed_pairs", "dpo_on_policy")]
+    paired = {f"{a} -> {b}": compare_paired(correct[a], correct[b]).as_dict() for a, b in comparisons}
+    exact_match = {name: sum(c) / len(c) for name, c in correct.items()}
+    return InstructQuickstartResult(out, exact_match, paired, seconds, stages)

@@ -2,6 +2,7 @@
 
 Ends with one line: `quickstart: accuracy before=0.xxx after=0.xxx model=outputs/quickstart/model`.
 With `--dpo` (`make dpo-quickstart`) DPO follows, with a line of its held-out math and preference accuracy first.
+With `--instruct` (`make instruct-quickstart`): SFT -> on-policy pairs -> DPO -> GRPO, one exact-match line per stage.
 """
 
 from __future__ import annotations
@@ -9,16 +10,48 @@ from __future__ import annotations
 import argparse
 
 from yulan_tune.console import summary, write_metrics
-from yulan_tune.quickstart import run_quickstart
+from yulan_tune.quickstart import run_instruct_quickstart, run_quickstart
+
+
+def instruct_main(args: argparse.Namespace) -> int:
+    out = args.out if args.out != "outputs/quickstart" else "outputs/instruct_quickstart"
+    result = run_instruct_quickstart(out, num_problems=args.num_problems, compare_fixed_pairs=args.compare_fixed_pairs,
+                                     sft_model=args.sft_model)
+    pairs, grpo, n = result.stages["pairs"], result.stages["grpo"], args.num_problems
+    lines = [f"on-policy pairs: {pairs['pairs']} from {pairs['prompts']} prompts x {pairs['samples_per_prompt']} "
+             f"samples (sample accuracy {pairs['sample_accuracy']:.3f}); no pair: {pairs['no_pair']}",
+             f"grpo: {grpo['steps']} steps, mean reward {grpo['reward_first']:.3f} -> {grpo['reward_last']:.3f}, "
+             f"KL coefficient {grpo['final_beta']:.4g}"]
+    for stage, accuracy in result.exact_match.items():
+        lines.append(f"{stage}: held-out exact-match {accuracy:.3f} on {n} problems")
+    for name, paired in result.paired.items():
+        lines.append(f"{name}: {paired['before']:.3f} -> {paired['after']:.3f}, newly right {paired['newly_right']}, "
+                     f"newly wrong {paired['newly_wrong']}, McNemar p={paired['mcnemar_p']:.3g}")
+    total = sum(result.seconds.values())
+    lines.append("seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in result.seconds.items()) + f"; {total:.0f} in all")
+    write_metrics(out, {"exact_match": result.exact_match, "paired": result.paired, "seconds": result.seconds,
+                        "stages": result.stages})
+    summary("instruct-quickstart", lines)
+    return 0
 
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="yulan-tune quickstart", description=__doc__)
     parser.add_argument("--out", default="outputs/quickstart", help="output directory")
-    parser.add_argument("--num-problems", type=int, default=200, help="held-out problems to score")
+    parser.add_argument("--num-problems", type=int, default=None,
+                        help="held-out problems to score (default 200; with --instruct 1000)")
     parser.add_argument("--dpo", action="store_true",
                         help="SFT with tiny_full_long.yaml (1209 updates), then DPO with dpo_tiny.yaml")
+    parser.add_argument("--instruct", action="store_true",
+                        help="SFT -> on-policy DPO -> GRPO (make instruct-quickstart)")
+    parser.add_argument("--compare-fixed-pairs", action="store_true",
+                        help="with --instruct: also DPO on the bundled fixed pairs from the same SFT model")
+    parser.add_argument("--sft-model", default=None, help="with --instruct: start from this SFT model")
     args = parser.parse_args(argv)
+    if args.num_problems is None:
+        args.num_problems = 1000 if args.instruct else 200
+    if args.instruct:
+        return instruct_main(args)
     result = run_quickstart(args.out, num_problems=args.num_problems, dpo=args.dpo)
     seconds = result.seconds
     lines = [f"tiny YuLan at {result.tiny_dir} ({seconds['tiny']:.0f} s)",
