@@ -5,8 +5,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from yulan_tune.commands.sft import skipped_line, training_kind
-from yulan_tune.console import METRICS_FILE, elapsed, summary
+from yulan_tune.commands.sft import math_and_saved_lines, skipped_line, training_kind
+from yulan_tune.console import elapsed, summary
 from yulan_tune.grpo import GRPORecipe, parse_config
 
 
@@ -23,13 +23,6 @@ def main(argv: list[str]) -> int:
              f"{metrics['reward_last']:.3f} (last log); KL coefficient {metrics['final_beta']:.4g}"
              if metrics["reward_first"] is not None else f"rewards {'+'.join(metrics['rewards'])}",
              *skipped_line(metrics["skipped"])]
-    if "math_paired" in metrics:
-        paired = metrics["math_paired"]
-        lines.append(f"held-out math exact-match {paired['before']:.3f} -> {paired['after']:.3f} on {paired['n']} "
-                     f"problems: newly right {paired['newly_right']}, newly wrong {paired['newly_wrong']}, "
-                     f"McNemar p={paired['mcnemar_p']:.3g}")
-    elif "math_accuracy_after" in metrics:
-        lines.append(f"held-out math exact-match {metrics['math_accuracy_after']:.3f}")
-    lines.append(f"saved {'adapter' if config.use_peft else 'model'} to {out}; metrics in {out / METRICS_FILE}")
+    lines += math_and_saved_lines(metrics, config, out)
     summary("grpo", lines)
     return 0

@@ -22,6 +22,21 @@ def skipped_line(skipped: dict[str, int]) -> list[str]:
     return [f"rows changed or skipped: {skipped} (details in the log)"] if skipped else []
 
 
+def math_and_saved_lines(metrics: dict, config, out: Path) -> list[str]:
+    """The post-training summary's held-out math line (paired before -> after with McNemar where measured) and where
+    the result was saved (DPO and GRPO end alike)."""
+    lines = []
+    if "math_paired" in metrics:
+        paired = metrics["math_paired"]
+        lines.append(f"held-out math exact-match {paired['before']:.3f} -> {paired['after']:.3f} on {paired['n']} "
+                     f"problems: newly right {paired['newly_right']}, newly wrong {paired['newly_wrong']}, "
+                     f"McNemar p={paired['mcnemar_p']:.3g}")
+    elif "math_accuracy_after" in metrics:
+        lines.append(f"held-out math exact-match {metrics['math_accuracy_after']:.3f}")
+    lines.append(f"saved {'adapter' if config.use_peft else 'model'} to {out}; metrics in {out / METRICS_FILE}")
+    return lines
+
+
 def main(argv: list[str]) -> int:
     started = time.time()
     config = parse_config(argv)
