@@ -55,6 +55,7 @@ from yulan_tune.export import write_adapter_info
 from yulan_tune.loading import load_model, load_tokenizer, quantization_name
 from yulan_tune.tiny import resolve_tiny
 from yulan_tune.training.callbacks import LoraGradientGuard, TrainingProgress, use_console_progress
+from yulan_tune.training.checkpoints import AtomicCheckpointCallback, resume_checkpoint
 from yulan_tune.training.post_training import PostTrainingModelConfig
 
 logger = logging.getLogger(__name__)
@@ -292,7 +293,7 @@ class DPORecipe:
             can_eval = not (_is_quantized(model) and not torch.cuda.is_available())
             self.reference_heldout = pair_logps(model, self.heldout, self.tokenizer.pad_token_id, eval_mode=can_eval)
         peft_config = trl.get_peft_config(c)
-        callbacks = [LoraGradientGuard()] if c.use_peft else None
+        callbacks = [AtomicCheckpointCallback()] + ([LoraGradientGuard()] if c.use_peft else [])
         train_dataset = self.train_data.to_dataset()
         # held-out pairs are scored by this recipe before and after training; trl's eval loop sees them only when
         # asked for (eval_strategy), and KTO's eval loop expects unpaired rows
@@ -351,7 +352,7 @@ class DPORecipe:
         if c.eval_math_problems and can_generate_before and trainer.is_world_process_zero():
             correct_before = self.math_correct(trainer.model)
             metrics["math_accuracy_before"] = sum(correct_before) / len(correct_before)
-        result = trainer.train(resume_from_checkpoint=c.resume_from_checkpoint)
+        result = trainer.train(resume_from_checkpoint=resume_checkpoint(c.resume_from_checkpoint, c.output_dir))
         metrics.update(train_loss=result.training_loss, train_rows=len(self.train_data),
                        skipped=dict(self.train_data.report.counts), train_seconds=round(time.time() - started, 1))
         out = Path(c.output_dir)

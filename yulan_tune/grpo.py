@@ -51,7 +51,7 @@ from yulan_tune.export import write_adapter_info
 from yulan_tune.loading import load_model, load_tokenizer, quantization_name
 from yulan_tune.tiny import resolve_tiny
 from yulan_tune.training.callbacks import LoraGradientGuard, TrainingProgress, use_console_progress
-from yulan_tune.training.checkpoints import AtomicCheckpointCallback, latest_complete_checkpoint
+from yulan_tune.training.checkpoints import AtomicCheckpointCallback, resume_checkpoint
 from yulan_tune.training.kl_control import AdaptiveKLController
 from yulan_tune.training.post_training import PostTrainingModelConfig
 
@@ -173,17 +173,6 @@ def prompts_dataset(prompts: list[PromptExample]) -> Dataset:
                               "tests": [p.tests or "" for p in prompts]})
 
 
-def resume_point(config: Any) -> str | None:
-    """`resume_from_checkpoint`: a path as given; `true` (or "last") the newest complete checkpoint of output_dir."""
-    value = config.resume_from_checkpoint
-    if value in (None, False, "", "false", "False"):
-        return None
-    if value in (True, "true", "True", "last"):
-        last = latest_complete_checkpoint(config.output_dir)
-        return str(last) if last is not None else None
-    return str(value)
-
-
 class GRPORecipe:
     """Load prompts -> policy (+ LoRA) -> reward terms -> trl GRPOTrainer -> measure before / after -> save."""
 
@@ -238,7 +227,7 @@ class GRPORecipe:
         started = time.time()
         trainer = self.trainer or self.build_trainer()
         metrics: dict[str, Any] = {"rewards": list(c.rewards) + (["reward_model"] if c.reward_model else [])}
-        resume = resume_point(c)
+        resume = resume_checkpoint(c.resume_from_checkpoint, c.output_dir)
         correct_before = None
         quantized_on_cpu = (c.load_in_4bit or c.load_in_8bit) and not torch.cuda.is_available()
         # no eval-mode forward on a 4-bit model before training on CPU (bitsandbytes trap 1, docs/stack_notes.md)

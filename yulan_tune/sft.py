@@ -34,6 +34,7 @@ from yulan_tune.export import write_adapter_info
 from yulan_tune.loading import load_model, load_tokenizer, quantization_name
 from yulan_tune.tiny import resolve_tiny
 from yulan_tune.training.callbacks import LoraGradientGuard, RankSummaryCallback, TrainingProgress, use_console_progress
+from yulan_tune.training.checkpoints import AtomicCheckpointCallback, resume_checkpoint
 from yulan_tune.training.post_training import PostTrainingModelConfig
 
 logger = logging.getLogger(__name__)
@@ -161,7 +162,7 @@ class SFTRecipe:
             eval_dataset=eval_dataset,
             processing_class=self.tokenizer,
             peft_config=trl.get_peft_config(c),
-            callbacks=[RankSummaryCallback()] + ([LoraGradientGuard()] if c.use_peft else []),
+            callbacks=[RankSummaryCallback(), AtomicCheckpointCallback()] + ([LoraGradientGuard()] if c.use_peft else []),
         )
         attach_harness_eval(self.trainer, c)
         return use_console_progress(self.trainer, TrainingProgress("sft"))
@@ -169,7 +170,8 @@ class SFTRecipe:
     def run(self) -> dict[str, Any]:
         started = time.time()
         trainer = self.trainer or self.build_trainer()
-        result = trainer.train(resume_from_checkpoint=self.config.resume_from_checkpoint)
+        result = trainer.train(resume_from_checkpoint=resume_checkpoint(self.config.resume_from_checkpoint,
+                                                                        self.config.output_dir))
         out = Path(self.config.output_dir)
         trainer.save_model(str(out))  # full model, or only the adapter for LoRA / QLoRA
         if trainer.is_world_process_zero():

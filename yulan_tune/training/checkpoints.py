@@ -194,6 +194,19 @@ def _latest_trainer_checkpoint(path: Path) -> Path | None:
     return found[-1][1] if found else None
 
 
+def resume_checkpoint(resume_from_checkpoint: Any, output_dir: str | os.PathLike) -> str | None:
+    """What a recipe passes to `Trainer.train(resume_from_checkpoint=...)`: a path as given; `true` (or "last") the
+    newest complete checkpoint of `output_dir` (Trainer's own `true` takes the newest directory, even one a kill left
+    half-written), else None."""
+    value = resume_from_checkpoint
+    if value in (None, False, "", "false", "False"):
+        return None
+    if value in (True, "true", "True", "last"):
+        last = _latest_trainer_checkpoint(Path(output_dir)) if Path(output_dir).is_dir() else None
+        return str(last) if last is not None else None
+    return str(value)
+
+
 def resolve_source(name_or_path: str, optimizer_state: str = "auto",
                    optimizer_state_step: int | None = None) -> AnnealSource:
     """Find the model weights and the optimizer state of a pre-annealing checkpoint.
