@@ -40,8 +40,6 @@ from yulan_tune.data.mixture import largest_remainder
 from yulan_tune.data.sources import pack_source
 from yulan_tune.modeling.convert import to_llama
 from yulan_tune.paths import DEFAULT_CHAT_TEMPLATE, PRETRAIN_DIR, cache_home
-from yulan_tune.pretrain import PretrainConfig, PretrainRecipe
-from yulan_tune.training.checkpoints import latest_complete_checkpoint
 
 TINY = "tiny"
 TinyKind = Literal["model", "tokenizer", "pre_annealing"]
@@ -260,6 +258,9 @@ def pretrain_tiny_base(out_dir: str | os.PathLike, tokenizer_dir: str | os.PathL
     `pretraining.steps` steps on the bundled corpus in the phases of its curriculum, scaled to that many steps; then
     `to_llama`. The run's files stay in `out_dir/pretrain`.
     """
+    # imported here, not at the top: resolving an already-built "tiny" (every command that takes a model) must not
+    # pay for the training stack's imports (transformers' Trainer, peft, bitsandbytes: ~1 s, benchmarks/eval_throughput.py)
+    from yulan_tune.pretrain import PretrainConfig, PretrainRecipe
     out = Path(out_dir)
     work = out / "pretrain"
     tiny = load_curriculum(tiny_curriculum(pretraining.curriculum))
@@ -322,6 +323,11 @@ def tiny_pre_annealing(out_dir: str | os.PathLike | None = None, *, tokenizer_di
     `model_config`: overrides of the tiny shape (tests use a narrower model)."""
     settings = {"corpus": corpus, "steps": steps, "lr": lr, "seq_len": seq_len, "batch_size": batch_size,
                 "seed": seed, "model_config": model_config}
+    # imported here, not at the top: resolving an already-built "tiny" (every command that takes a model) must not
+    # pay for the training stack's imports (transformers' Trainer, peft, bitsandbytes: ~1 s, benchmarks/eval_throughput.py)
+    from yulan_tune.pretrain import PretrainConfig, PretrainRecipe
+    from yulan_tune.training.checkpoints import latest_complete_checkpoint
+
     root = Path(out_dir) if out_dir is not None else _settings_key("tiny-pre-annealing", settings)
     run_dir = root / "run"
     checkpoint_dir = run_dir / f"checkpoint-{steps}"
