@@ -15,7 +15,9 @@ What each side runs:
   on (the chat template carries {% generation %} markers) so that both train the assistant tokens only. On CPU
   `use_cpu=True` as well: without it trl's bf16 default stops with "Your setup doesn't support bf16/gpu. You need to
   assign use_cpu". With `--trl-setup tuned`, trl as a knowledgeable user sets it up on a CPU instead: fp32 (no bf16
-  autocast), no activation checkpointing, and trl's own bfd packing with padding-free batches.
+  autocast), no activation checkpointing, and trl's own bfd packing with padding-free batches. `--trl-setup
+  tuned-bf16`: the same with bf16 autocast on both sides (the recipe with `--bf16 true`), the fastest setup on a CPU
+  with bf16 units (AVX512-BF16 / AMX), where it trains the tiny YuLan about 2x faster than fp32.
 Only these are set alike on both sides: model, data file, learning rate, batch size, steps, max_length, seed,
 gradient_accumulation_steps 1 (one batch per step, so steps can be credited with their batches), logging once at the
 end, no checkpoints. Everything else is each side's default.
@@ -65,7 +67,7 @@ class SFTBenchSettings:
     seed: int = 0
     torch_compile: bool = False
     lora: dict[str, Any] = field(default_factory=dict)  # r / alpha / dropout of the recipe config, for the baseline
-    trl_setup: str = "defaults"  # "defaults": trl's own; "tuned": what a knowledgeable user sets on a CPU
+    trl_setup: str = "defaults"  # "defaults": trl's own; "tuned" / "tuned-bf16": what a knowledgeable user sets on a CPU
 
 
 def gpu_options(device: str, torch_compile: bool) -> list[str]:
@@ -95,7 +97,8 @@ def build_candidate(s: SFTBenchSettings, output_dir: str) -> Any:
     from yulan_tune.sft import SFTRecipe, parse_config
 
     argv = ["--config", s.recipe_config, "--model_name_or_path", s.model_dir, "--dataset", s.data_file,
-            "--eval_math_problems", "0", *common_overrides(s, output_dir), *gpu_options(s.device, s.torch_compile)]
+            "--eval_math_problems", "0", *common_overrides(s, output_dir), *gpu_options(s.device, s.torch_compile),
+            *(["--bf16", "true"] if s.trl_setup == "tuned-bf16" else [])]
     return SFTRecipe(parse_config(argv)).build_trainer()
 
 
@@ -120,8 +123,8 @@ def build_baseline(s: SFTBenchSettings, output_dir: str) -> Any:
     # "tuned" (CPU): fp32 instead of bf16 autocast (a CPU without bf16 matmul units runs it emulated), no activation
     # checkpointing (the tiny model fits; recomputing costs a forward), and trl's own bfd packing with padding-free
     # batches and per-document attention (no compute on padding): the recipe's own choices, made through trl
-    tuned = dict(bf16=False, activation_checkpointing=False, packing=True, packing_strategy="bfd",
-                 padding_free=True) if s.trl_setup == "tuned" else {}
+    tuned = dict(bf16=s.trl_setup == "tuned-bf16", activation_checkpointing=False, packing=True,
+                 packing_strategy="bfd", padding_free=True) if s.trl_setup.startswith("tuned") else {}
     args = trl.SFTConfig(
         output_dir=output_dir, max_steps=s.steps, max_length=s.max_length, per_device_train_batch_size=s.batch_size,
         gradient_accumulation_steps=1, learning_rate=s.learning_rate, seed=s.seed, logging_steps=s.steps,
@@ -187,9 +190,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--torch-compile", action="store_true", help="GPU: also torch.compile the recipe's model")
     parser.add_argument("--baseline", action=argparse.BooleanOptionalAction, default=True,
                         help="also run the trl baseline (off: only the recipe, e.g. for QLoRA peak memory)")
-    parser.add_argument("--trl-setup", choices=["defaults", "tuned"], default="defaults",
+    parser.add_argument("--trl-setup", choices=["defaults", "tuned", "tuned-bf16"], default="defaults",
                         help="trl baseline: its defaults, or tuned as a knowledgeable user would (fp32, no activation "
-                             "checkpointing, bfd packing with padding-free batches)")
+                             "checkpointing, bfd packing with padding-free batches); tuned-bf16: the same with bf16 "
+                             "autocast on both sides")
     args = parser.parse_args(argv)
     if args.worker:
         worker(args.worker, args.settings, args.out)

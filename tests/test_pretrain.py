@@ -225,3 +225,11 @@ def test_tiny_build_key_follows_a_curriculum_file_by_content(tmp_path):
     assert default_tiny_dir(pretraining=TinyPretraining(curriculum=str(copy))) != same
     with pytest.raises(FileNotFoundError, match="no such curriculum file"):
         tiny_curriculum(str(tmp_path / "missing.yaml"))
+
+
+def test_tiny_build_key_separates_a_bf16_build():
+    """A bf16-autocast base is another model, so it gets another cache directory; the fp32 default keeps its own."""
+    from yulan_tune.tiny import TinyPretraining, default_tiny_dir
+
+    assert default_tiny_dir(pretraining=TinyPretraining(bf16=True)) != default_tiny_dir()
+    assert default_tiny_dir(pretraining=TinyPretraining(bf16=False)) == default_tiny_dir()

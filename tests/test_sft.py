@@ -140,3 +140,16 @@ def test_shipped_sft_configs_parse_and_the_dpo_base_makes_more_updates() -> None
     assert quick.num_bundled_examples == long.num_bundled_examples and quick.max_length == long.max_length
     # the DPO quickstart's SFT base needs about 8x the quickstart's updates to start reading operands (config comment)
     assert updates_per_epoch_factor(long) >= 8 * updates_per_epoch_factor(quick)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU-only defaults")
+def test_bf16_on_a_cpu_only_machine_is_accepted() -> None:
+    """`--bf16 true` without a GPU used to stop in transformers ("You need to assign use_cpu"); now it means bf16
+    autocast on the CPU. Without it the CPU default stays fp32. The same for DPO and GRPO."""
+    from yulan_tune.dpo import parse_config as parse_dpo
+    from yulan_tune.grpo import parse_config as parse_grpo
+
+    for parse in (parse_config, parse_dpo, parse_grpo):
+        config = parse(["--output_dir", "out", "--bf16", "true"])
+        assert config.bf16 and config.use_cpu
+        assert not parse(["--output_dir", "out"]).bf16
