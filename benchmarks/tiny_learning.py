@@ -4,6 +4,7 @@ with other SFT settings, and score it on a validation set, one try per invocatio
     python -m benchmarks.tiny_learning base b80                                    # the default build
     python -m benchmarks.tiny_learning base c5 --pretrain '{"steps": 1200, "batch_size": 1}' --curriculum FILE.yaml
     python -m benchmarks.tiny_learning sft b80 s_b80 -- --per_device_train_batch_size 16 --packing false
+    python -m benchmarks.tiny_learning loop b80 --seed 1 --eval-every 134                # the issue's plain loop
     python -m benchmarks.tiny_learning analyse s_b80                               # where the answers go wrong
 
 The validation problems are disjoint from the quickstart's 200 held-out problems and from the train split, so the
@@ -80,6 +81,53 @@ def fine_tune(args: argparse.Namespace) -> None:
                           "updates": metrics.get("steps"), "train_loss": metrics.get("train_loss")})
 
 
+def plain_loop(args: argparse.Namespace) -> None:
+    """The issue's reference: a plain PyTorch loop (AdamW, linear decay to 0 or a constant LR, unpacked padded
+    batches, loss on the assistant tokens only), optionally scored on the validation problems every N updates."""
+    import random
+
+    import torch
+
+    from yulan_tune.data.bundled import math_chat_conversations
+    from yulan_tune.data.chat import tokenize_conversation
+    from yulan_tune.evaluation.exact_match import math_accuracy
+    from yulan_tune.loading import load_model, load_tokenizer
+
+    base = args.workdir / "bases" / args.base
+    torch.manual_seed(args.seed)
+    model, tokenizer = load_model(base), load_tokenizer(base)
+    rows = [tokenize_conversation(tokenizer, c) for c in math_chat_conversations(args.examples, seed=0)]
+    order = list(range(len(rows))) * args.epochs
+    random.Random(args.seed).shuffle(order)
+    steps = len(order) // args.batch_size
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, (lambda step: 1.0) if args.constant_lr else (lambda step: max(0.0, 1 - step / steps)))
+    validation = validation_problems(args.num_problems)
+    curve = []
+    started = time.perf_counter()
+    model.train()
+    for step in range(steps):
+        batch = [rows[i] for i in order[step * args.batch_size:(step + 1) * args.batch_size]]
+        width = max(len(r.input_ids) for r in batch)
+        pad = [width - len(r.input_ids) for r in batch]
+        input_ids = torch.tensor([r.input_ids + [tokenizer.pad_token_id] * n for r, n in zip(batch, pad)])
+        attention_mask = torch.tensor([[1] * len(r.input_ids) + [0] * n for r, n in zip(batch, pad)])
+        labels = torch.tensor([r.labels + [-100] * n for r, n in zip(batch, pad)])
+        model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss.backward()
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad()
+        if args.eval_every and (step + 1) % args.eval_every == 0:
+            curve.append([step + 1, math_accuracy(model, tokenizer, validation)])
+            model.train()
+    seconds = time.perf_counter() - started
+    record(args.workdir, {"kind": "loop", "base": args.base, "seed": args.seed, "lr": args.lr,
+                          "constant_lr": args.constant_lr, "batch_size": args.batch_size, "updates": steps,
+                          "validation_accuracy": math_accuracy(model, tokenizer, validation), "curve": curve,
+                          "seconds": round(seconds, 1)})
+
+
 def analyse(args: argparse.Namespace) -> None:
     """Operands copied from the question? Arithmetic right once the operands are? Accuracy per kind of problem."""
     from yulan_tune.data.math_problems import extract_answer, math_messages
@@ -128,12 +176,21 @@ def main(argv: list[str] | None = None) -> int:
     sft.add_argument("name")
     sft.add_argument("--config", default=str(REPO_ROOT / "recipes" / "configs" / "tiny_full.yaml"))
     sft.add_argument("overrides", nargs="*", help="SFT config overrides after --, as on the sft command line")
+    loop = commands.add_parser("loop", help="the issue's plain PyTorch loop on a base, scored")
+    loop.add_argument("base")
+    loop.add_argument("--seed", type=int, default=0, help="data order and torch seed")
+    loop.add_argument("--examples", type=int, default=8600)
+    loop.add_argument("--epochs", type=int, default=1)
+    loop.add_argument("--batch-size", type=int, default=16)
+    loop.add_argument("--lr", type=float, default=1e-3)
+    loop.add_argument("--constant-lr", action="store_true", help="no decay (default: linear to 0)")
+    loop.add_argument("--eval-every", type=int, default=0, help="score the validation problems every N updates")
     analysis = commands.add_parser("analyse", help="where a fine-tuned model's answers go wrong")
     analysis.add_argument("name")
     args = parser.parse_args(argv)
     args.workdir.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("YULAN_TUNE_HOME", str(args.workdir / "home"))
-    {"base": build_base, "sft": fine_tune, "analyse": analyse}[args.command](args)
+    {"base": build_base, "sft": fine_tune, "loop": plain_loop, "analyse": analyse}[args.command](args)
     return 0
 
 
