@@ -184,6 +184,13 @@ def test_resume_from_the_last_complete_checkpoint(tiny_dir: Path, tmp_path: Path
     full_metrics = json.loads((tmp_path / "full" / "yulan_tune_metrics.json").read_text())
     assert metrics["final_beta"] == pytest.approx(full_metrics["final_beta"], rel=1e-9)  # controller state restored
     assert full_metrics["final_beta"] != 0.01
+    # every logged step records the coefficient the controller moved to from that step's KL (8 completions a step)
+    history = json.loads((tmp_path / "full" / "checkpoint-2" / "trainer_state.json").read_text())["log_history"]
+    beta = 0.01
+    for log in [entry for entry in history if "loss" in entry]:
+        beta *= 1 + max(-0.2, min(0.2, log["kl"] / 0.06 - 1)) * 8 / 100
+        assert log["beta"] == pytest.approx(beta, rel=1e-9)
+    assert beta == pytest.approx(full_metrics["final_beta"], rel=1e-9)
     from safetensors.torch import load_file
 
     full = load_file(tmp_path / "full" / "model.safetensors")

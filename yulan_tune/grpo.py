@@ -152,7 +152,8 @@ class YuLanGRPOTrainer(trl.GRPOTrainer):
         new_samples = samples - controller.samples_seen
         if new_samples > 0:
             self.beta = controller.update(float(logs["kl"]), new_samples)
-            logs["beta"] = self.beta
+            # Trainer.log appended a copy of `logs` to the history already: record the new coefficient there too
+            logs["beta"] = self.state.log_history[-1]["beta"] = self.beta
 
 
 def build_reward_terms(config: GRPOConfig, tokenizer: Any) -> list[Any]:
