@@ -56,7 +56,7 @@ from yulan_tune.loading import load_model, load_tokenizer, quantization_name
 from yulan_tune.tiny import resolve_tiny
 from yulan_tune.training.callbacks import LoraGradientGuard, TrainingProgress, use_console_progress
 from yulan_tune.training.checkpoints import AtomicCheckpointCallback, resume_checkpoint
-from yulan_tune.training.post_training import PostTrainingModelConfig
+from yulan_tune.training.post_training import PostTrainingModelConfig, resolve_cpu_precision
 
 logger = logging.getLogger(__name__)
 
@@ -120,14 +120,7 @@ class DPOConfig(trl.DPOConfig, PostTrainingModelConfig, HarnessEvalArguments):
                 "installed and CUDA is available"})
 
     def __post_init__(self):
-        # trl defaults bf16 to True. On a CPU the default is fp32: exact, and faster where the CPU has no bf16 units;
-        # where it has them (AVX512-BF16 / AMX), `bf16: true` trains the tiny YuLan about 2x faster
-        # (docs/tiny_model.md). transformers accepts bf16 on a CPU only with use_cpu, and there is no GPU to ask for.
-        if not torch.cuda.is_available():
-            if self.bf16 is None:
-                self.bf16 = False
-            self.use_cpu = self.use_cpu or bool(self.bf16)
-            self.dataloader_pin_memory = False  # nothing to pin for; torch warns on every dataloader otherwise
+        resolve_cpu_precision(self)
         if self.overlong not in ("drop", "truncate"):
             raise ValueError(f"overlong must be 'drop' or 'truncate', got {self.overlong!r}")
         self.resolve_model_fields()

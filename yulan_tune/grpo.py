@@ -53,7 +53,7 @@ from yulan_tune.tiny import resolve_tiny
 from yulan_tune.training.callbacks import LoraGradientGuard, TrainingProgress, use_console_progress
 from yulan_tune.training.checkpoints import AtomicCheckpointCallback, resume_checkpoint
 from yulan_tune.training.kl_control import AdaptiveKLController
-from yulan_tune.training.post_training import PostTrainingModelConfig
+from yulan_tune.training.post_training import PostTrainingModelConfig, resolve_cpu_precision
 
 logger = logging.getLogger(__name__)
 
@@ -99,14 +99,7 @@ class GRPOConfig(trl.GRPOConfig, PostTrainingModelConfig):
     use_liger_kernel: bool | None = None
 
     def __post_init__(self):
-        # trl defaults bf16 to True. On a CPU the default is fp32: exact, and faster where the CPU has no bf16 units;
-        # where it has them (AVX512-BF16 / AMX), `bf16: true` trains the tiny YuLan about 2x faster
-        # (docs/tiny_model.md). transformers accepts bf16 on a CPU only with use_cpu, and there is no GPU to ask for.
-        if not torch.cuda.is_available():
-            if self.bf16 is None:
-                self.bf16 = False
-            self.use_cpu = self.use_cpu or bool(self.bf16)
-            self.dataloader_pin_memory = False
+        resolve_cpu_precision(self)
         if self.use_vllm is None:
             self.use_vllm = vllm_available()
         unknown = sorted(set(self.rewards) - set(REWARD_TERMS))

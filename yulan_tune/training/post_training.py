@@ -25,6 +25,22 @@ def liger_kernels_available() -> bool:
     return torch.cuda.is_available() and importlib.util.find_spec("liger_kernel") is not None
 
 
+def resolve_cpu_precision(args) -> None:
+    """On a machine without CUDA: fp32 unless `bf16` was asked for, and `use_cpu` when it was.
+
+    trl defaults bf16 to True. On a CPU fp32 is exact, and faster where the CPU has no bf16 units; where it has them
+    (AVX512-BF16 / AMX), `bf16: true` trains the tiny YuLan about 2x faster (docs/tiny_model.md). transformers accepts
+    bf16 on a CPU only with use_cpu, and there is no GPU to ask for. Nothing to pin memory for either (torch warns on
+    every dataloader otherwise).
+    """
+    if torch.cuda.is_available():
+        return
+    if args.bf16 is None:
+        args.bf16 = False
+    args.use_cpu = args.use_cpu or bool(args.bf16)
+    args.dataloader_pin_memory = False
+
+
 @dataclass
 class PostTrainingModelConfig(trl.ModelConfig):
     """trl.ModelConfig with YuLan defaults, plus the chat template and the bad-row policy (for DPO, a LoRA run's
