@@ -264,7 +264,7 @@ def pretrain_tiny_base(out_dir: str | os.PathLike, tokenizer_dir: str | os.PathL
     `to_llama`. The run's files stay in `out_dir/pretrain`.
     """
     # imported here, not at the top: resolving an already-built "tiny" (every command that takes a model) must not
-    # pay for the training stack's imports (transformers' Trainer, peft, bitsandbytes: ~1 s, benchmarks/eval_throughput.py)
+    # pay for the training stack's imports (Trainer, peft, bitsandbytes: ~1 s; benchmarks/eval_throughput.py)
     from yulan_tune.pretrain import PretrainConfig, PretrainRecipe
     out = Path(out_dir)
     work = out / "pretrain"
@@ -328,8 +328,7 @@ def tiny_pre_annealing(out_dir: str | os.PathLike | None = None, *, tokenizer_di
     `model_config`: overrides of the tiny shape (tests use a narrower model)."""
     settings = {"corpus": corpus, "steps": steps, "lr": lr, "seq_len": seq_len, "batch_size": batch_size,
                 "seed": seed, "model_config": model_config}
-    # imported here, not at the top: resolving an already-built "tiny" (every command that takes a model) must not
-    # pay for the training stack's imports (transformers' Trainer, peft, bitsandbytes: ~1 s, benchmarks/eval_throughput.py)
+    # imported here for the reason given in pretrain_tiny_base
     from yulan_tune.pretrain import PretrainConfig, PretrainRecipe
     from yulan_tune.training.checkpoints import latest_complete_checkpoint
 
