@@ -3,7 +3,8 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
-# torch first, pinned: on CPU machines torch==2.13.0 is a local CPU wheel; an open range pulls a multi-GB CUDA build.
+# torch pinned, in the same pip run as the project (one resolve): on CPU machines torch==2.13.0 is a
+# local CPU wheel; an open range pulls a multi-GB CUDA build.
 TORCH_PIN ?= torch==2.13.0
 export TOKENIZERS_PARALLELISM := false
 
@@ -13,8 +14,7 @@ export TOKENIZERS_PARALLELISM := false
 $(VENV)/.installed: pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
-	$(PIP) install -q $(TORCH_PIN)
-	$(PIP) install -q -e .
+	$(PIP) install -q $(TORCH_PIN) -e .
 	touch $@
 
 install: $(VENV)/.installed

@@ -6,6 +6,7 @@ with other SFT settings, and score it on a validation set, one try per invocatio
     python -m benchmarks.tiny_learning sft b80 s_b80 -- --per_device_train_batch_size 16 --packing false
     python -m benchmarks.tiny_learning loop b80 --seed 1 --eval-every 134                # the issue's plain loop
     python -m benchmarks.tiny_learning analyse s_b80                               # where the answers go wrong
+    python -m benchmarks.tiny_learning --num-problems 1000 dpo outputs/quickstart/model d1 -- --learning_rate 2e-5
 
 The validation problems are disjoint from the quickstart's 200 held-out problems and from the train split, so the
 held-out numbers the README reports are not tuned on. `docs/tiny_model.md` has the table of tries and what each gave.
@@ -30,11 +31,11 @@ QUICKSTART_TEST_PROBLEMS = 200  # yulan_tune.quickstart scores the first 200 of 
 
 def validation_problems(n: int = 300) -> list[Any]:
     """`n` problems from the test generator with another seed, minus the quickstart's held-out problems and minus
-    the first 20000 train problems (far more than any SFT set of these tries reads)."""
-    from yulan_tune.data.math_problems import generate_problems
+    the train problems the test split leaves out (more than any SFT set of these tries reads)."""
+    from yulan_tune.data.math_problems import TRAIN_POOL, generate_problems
 
     held_out = {p.question for p in generate_problems(QUICKSTART_TEST_PROBLEMS, seed=0, split="test")}
-    train = {p.question for p in generate_problems(20000, seed=0, split="train")}
+    train = {p.question for p in generate_problems(TRAIN_POOL, seed=0, split="train")}
     candidates = generate_problems(n + 1500, seed=7, split="test")
     problems = [p for p in candidates if p.question not in held_out and p.question not in train]
     if len(problems) < n:
@@ -79,6 +80,28 @@ def fine_tune(args: argparse.Namespace) -> None:
                           "overrides": args.overrides, "validation_accuracy": round(accuracy, 4),
                           "validation_problems": args.num_problems, "sft_seconds": round(seconds, 1),
                           "updates": metrics.get("steps"), "train_loss": metrics.get("train_loss")})
+
+
+def preference_tune(args: argparse.Namespace) -> None:
+    """DPO (dpo_tiny.yaml unless --config) from an SFT model, scored on the validation problems before and after."""
+    from yulan_tune.dpo import DPORecipe, parse_config
+    from yulan_tune.evaluation.exact_match import math_correct
+    from yulan_tune.evaluation.paired import compare_paired
+    from yulan_tune.loading import load_model, load_tokenizer
+
+    problems = validation_problems(args.num_problems)
+    before = math_correct(load_model(args.sft), load_tokenizer(args.sft), problems)
+    config = parse_config(["--config", args.config, "--model_name_or_path", args.sft, "--eval_math_problems", "0",
+                           "--output_dir", str(args.workdir / "dpo" / args.name), *args.overrides])
+    started = time.perf_counter()
+    recipe = DPORecipe(config)
+    metrics = recipe.run()
+    seconds = time.perf_counter() - started
+    after = math_correct(recipe.trainer.model, recipe.tokenizer, problems)
+    record(args.workdir, {"kind": "dpo", "name": args.name, "sft": args.sft, "config": args.config,
+                          "overrides": args.overrides, "validation_problems": args.num_problems,
+                          "paired": compare_paired(before, after).as_dict(), "dpo_seconds": round(seconds, 1),
+                          "preference_heldout": metrics.get("heldout_after")})
 
 
 def plain_loop(args: argparse.Namespace) -> None:
@@ -176,6 +199,11 @@ def main(argv: list[str] | None = None) -> int:
     sft.add_argument("name")
     sft.add_argument("--config", default=str(REPO_ROOT / "recipes" / "configs" / "tiny_full.yaml"))
     sft.add_argument("overrides", nargs="*", help="SFT config overrides after --, as on the sft command line")
+    dpo = commands.add_parser("dpo", help="DPO from an SFT model, scored before and after")
+    dpo.add_argument("sft", help="the SFT model's directory")
+    dpo.add_argument("name")
+    dpo.add_argument("--config", default=str(REPO_ROOT / "recipes" / "configs" / "dpo_tiny.yaml"))
+    dpo.add_argument("overrides", nargs="*", help="DPO config overrides after --, as on the dpo command line")
     loop = commands.add_parser("loop", help="the issue's plain PyTorch loop on a base, scored")
     loop.add_argument("base")
     loop.add_argument("--seed", type=int, default=0, help="data order and torch seed")
@@ -190,7 +218,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.workdir.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("YULAN_TUNE_HOME", str(args.workdir / "home"))
-    {"base": build_base, "sft": fine_tune, "loop": plain_loop, "analyse": analyse}[args.command](args)
+    {"base": build_base, "sft": fine_tune, "dpo": preference_tune, "loop": plain_loop,
+     "analyse": analyse}[args.command](args)
     return 0
 
 

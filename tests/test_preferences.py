@@ -201,3 +201,14 @@ def test_column_mapping_reads_chosen_and_rejected_messages(tmp_path: Path) -> No
                                                                "rejected": "rejected_messages"})
     assert not report and pair.prompt == [{"role": "user", "content": "2+2?"}]
     assert pair.chosen == [{"role": "assistant", "content": "4"}] and pair.rejected[0]["content"] == "5"
+
+
+def test_no_train_set_the_recipes_can_ask_for_holds_a_test_question() -> None:
+    """The question space is small: without the train pool left out, the quickstart's 10000 SFT problems held 103
+    of the first 1000 test questions."""
+    from yulan_tune.data.math_problems import TRAIN_POOL, generate_problems
+
+    test = {p.question for p in generate_problems(1500, 0, split="test")}
+    assert not test & {p.question for p in generate_problems(TRAIN_POOL, 0, split="train")}
+    with pytest.raises(ValueError, match=f"at most {TRAIN_POOL} train problems"):
+        generate_problems(TRAIN_POOL + 1, 0, split="train")

@@ -126,20 +126,14 @@ def test_ddp_two_processes_both_train(tiny_dir, tmp_path):
     assert len(checksums) == 1  # both ranks ended on the same (all-reduced) weights
 
 
-def test_shipped_sft_configs_parse_and_the_dpo_base_makes_more_updates() -> None:
+def test_shipped_sft_configs_parse() -> None:
     names = sorted(p.name for p in CONFIGS.glob("*.yaml") if p.name.startswith(("tiny_", "yulan_mini_instruct_")))
-    assert {"tiny_full.yaml", "tiny_full_long.yaml", "tiny_lora.yaml", "tiny_qlora.yaml"} <= set(names)
+    assert {"tiny_full.yaml", "tiny_lora.yaml", "tiny_qlora.yaml"} <= set(names)
     # the real-model configs train in bf16, which TrainingArguments refuses on a machine without a GPU
     cpu_override = [] if torch.cuda.is_available() else ["--bf16", "false"]
-    configs = {name: parse_config(["--config", str(CONFIGS / name), *cpu_override]) for name in names}
-
-    def updates_per_epoch_factor(config) -> float:  # optimizer updates per packed row and epoch
-        return config.num_train_epochs / (config.per_device_train_batch_size * config.gradient_accumulation_steps)
-
-    quick, long = configs["tiny_full.yaml"], configs["tiny_full_long.yaml"]
-    assert quick.num_bundled_examples == long.num_bundled_examples and quick.max_length == long.max_length
-    # the DPO quickstart's SFT base needs about 8x the quickstart's updates to start reading operands (config comment)
-    assert updates_per_epoch_factor(long) >= 8 * updates_per_epoch_factor(quick)
+    for name in names:
+        config = parse_config(["--config", str(CONFIGS / name), *cpu_override])
+        assert config.model_name_or_path and config.learning_rate > 0
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU-only defaults")
@@ -153,3 +147,14 @@ def test_bf16_on_a_cpu_only_machine_is_accepted() -> None:
         config = parse(["--output_dir", "out", "--bf16", "true"])
         assert config.bf16 and config.use_cpu
         assert not parse(["--output_dir", "out"]).bf16
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU-only defaults")
+@pytest.mark.parametrize("bf16_units", [True, False])
+def test_quickstart_sft_uses_bf16_only_where_the_cpu_computes_it(tiny_dir, tmp_path, monkeypatch, bf16_units) -> None:
+    """Emulated bf16 is slower than fp32, so the quickstart asks for it only on a CPU with bf16 units."""
+    import yulan_tune.quickstart as quickstart
+
+    monkeypatch.setattr(quickstart, "cpu_has_bf16_units", lambda: bf16_units)
+    recipe = quickstart.quickstart_sft(tiny_dir, tmp_path / "model")
+    assert recipe.config.bf16 is bf16_units and recipe.config.use_cpu is bf16_units

@@ -1,7 +1,8 @@
 """`yulan-tune quickstart` (`make quickstart`): build the tiny YuLan, fine-tune it, report held-out accuracy.
 
 Ends with one line: `quickstart: accuracy before=0.xxx after=0.xxx model=outputs/quickstart/model`.
-With `--dpo` (`make dpo-quickstart`) DPO follows, with a line of its held-out math and preference accuracy first.
+With `--dpo` (`make dpo-quickstart`) DPO + NLL and LoRA DPO + NLL follow, each with lines of its held-out preference
+and math accuracy first.
 With `--instruct` (`make instruct-quickstart`): SFT -> on-policy pairs -> DPO -> GRPO, one exact-match line per stage.
 """
 
@@ -41,7 +42,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--num-problems", type=int, default=None,
                         help="held-out problems to score (default 200; with --instruct 1000)")
     parser.add_argument("--dpo", action="store_true",
-                        help="SFT with tiny_full_long.yaml (1209 updates), then DPO with dpo_tiny.yaml")
+                        help="SFT (tiny_full.yaml), then DPO + NLL (dpo_tiny.yaml) and LoRA DPO + NLL (dpo_tiny_lora.yaml)")
     parser.add_argument("--instruct", action="store_true",
                         help="SFT -> on-policy DPO -> GRPO (make instruct-quickstart)")
     parser.add_argument("--compare-fixed-pairs", action="store_true",
@@ -57,15 +58,17 @@ def main(argv: list[str]) -> int:
     lines = [f"tiny YuLan at {result.tiny_dir} ({seconds['tiny']:.0f} s)",
              f"fine-tuned in {seconds['sft'] - seconds['tiny']:.0f} s, train loss {result.sft['train_loss']:.4f}; "
              f"evaluated {args.num_problems} held-out problems; {seconds['evaluation']:.0f} s in all"]
-    if result.dpo is not None:
-        dpo, paired = result.dpo, result.dpo["math_paired"]
-        before, after = dpo["heldout_before"], dpo["heldout_after"]
-        lines.append(f"dpo preference accuracy on {dpo['heldout_pairs']} held-out pairs (log p(chosen) > log p(rejected)) "
-                     f"before={before['logp_accuracy']:.3f} after={after['logp_accuracy']:.3f}; implicit-reward "
-                     f"accuracy after={after['reward_accuracy']:.3f} (0.5 before by construction)")
-        lines.append(f"dpo math accuracy on {paired['n']} held-out problems before={paired['before']:.3f} "
+    stages = list(seconds)  # seconds since the start, in stage order
+    for name, dpo in result.dpo.items():
+        took = seconds[name] - seconds[stages[stages.index(name) - 1]]
+        paired, before, after = dpo["math_paired"], dpo["heldout_before"], dpo["heldout_after"]
+        lines.append(f"{name}: preference accuracy on {dpo['heldout_pairs']} held-out pairs (log p(chosen) > "
+                     f"log p(rejected)) before={before['logp_accuracy']:.3f} after={after['logp_accuracy']:.3f}; "
+                     f"implicit-reward accuracy after={after['reward_accuracy']:.3f} (0.5 before by construction)")
+        lines.append(f"{name}: math accuracy on {paired['n']} held-out problems before={paired['before']:.3f} "
                      f"after={paired['after']:.3f}: newly right {paired['newly_right']}, newly wrong "
-                     f"{paired['newly_wrong']}, McNemar p={paired['mcnemar_p']:.3g} model={result.dpo_dir}")
+                     f"{paired['newly_wrong']}, McNemar p={paired['mcnemar_p']:.3g} ({took:.0f} s) "
+                     f"model={args.out}/{name}")
     lines.append(f"accuracy before={result.accuracy_before:.3f} after={result.accuracy_after:.3f} "
                  f"model={result.model_dir}")
     write_metrics(args.out, {"accuracy_before": result.accuracy_before, "accuracy_after": result.accuracy_after,
