@@ -58,7 +58,10 @@ def test_qlora_4bit_with_device_map_and_a_paged_optimizer(tiny_dir, tmp_path):
 
 
 def test_bf16_full_fine_tune_lowers_the_loss(tiny_dir, tmp_path):
-    recipe = sft("tiny_full.yaml", tiny_dir, tmp_path / "full", "--bf16", "true", "--learning_rate", "2e-3")
+    # six updates of 8 rows with a warmup, as tests/test_sft.py's CPU version
+    recipe = sft("tiny_full.yaml", tiny_dir, tmp_path / "full", "--bf16", "true", "--learning_rate", "2e-3",
+                 "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "2", "--warmup_steps", "10",
+                 "--lr_scheduler_type", "cosine")
     recipe.run()
     assert next(recipe.trainer.model.parameters()).device.type == "cuda"
     assert losses(recipe)[-1] < losses(recipe)[0] - 0.5, losses(recipe)

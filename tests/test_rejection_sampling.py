@@ -42,10 +42,20 @@ def test_a_model_with_no_verified_sample_stops_with_one_line(tiny_dir, tmp_path)
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(1800)  # trains the quickstart's SFT model (51 updates) first: minutes on 2 busy cores
-def test_a_small_round_end_to_end_and_rerun_reuses_its_stages(tmp_path):
-    config = RejectionSamplingConfig(out_dir=str(tmp_path), train_problems=48, samples_per_problem=4,
-                                     eval_problems=40, sft_overrides=["--max_steps", "5"])
+@pytest.mark.timeout(1800)  # a short SFT first, then sampling and the round: a minute or two on 2 busy cores
+def test_a_small_round_end_to_end_and_rerun_reuses_its_stages(tmp_path, tiny_dir):
+    from yulan_tune.paths import RECIPES_DIR
+    from yulan_tune.sft import SFTRecipe, parse_config
+
+    # a model that gets some answers right, in 51 updates (the quickstart's own SFT makes 1344: minutes here)
+    sft_dir = tmp_path / "sft"
+    SFTRecipe(parse_config([
+        "--config", str(RECIPES_DIR / "configs" / "tiny_full.yaml"), "--model_name_or_path", str(tiny_dir),
+        "--output_dir", str(sft_dir), "--num_bundled_examples", "1500", "--per_device_train_batch_size", "4",
+        "--gradient_accumulation_steps", "2", "--warmup_steps", "10", "--lr_scheduler_type", "cosine",
+        "--disable_tqdm", "true"])).run()
+    config = RejectionSamplingConfig(out_dir=str(tmp_path / "round"), sft_model=str(sft_dir), train_problems=48,
+                                     samples_per_problem=4, eval_problems=40, sft_overrides=["--max_steps", "5"])
     result = run_rejection_sampling(config, show_progress=False)
     assert result.samples == 48 * 4 == result.accepted + result.rejected and result.accepted > 0
     assert 0 < result.train_rows <= result.accepted and result.problems_with_a_verified_sample <= 48

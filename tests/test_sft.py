@@ -35,7 +35,10 @@ def logged_losses(recipe: SFTRecipe) -> list[float]:
 
 
 def test_full_sft_lowers_loss_and_masks_prompts(tiny_dir, tmp_path):
-    recipe = SFTRecipe(quick_config("tiny_full.yaml", tiny_dir, tmp_path / "full", "--learning_rate", "2e-3"))
+    # six updates of 8 rows with a warmup (the quickstart's own 2-row, no-warmup schedule is built for 1344 updates)
+    recipe = SFTRecipe(quick_config("tiny_full.yaml", tiny_dir, tmp_path / "full", "--learning_rate", "2e-3",
+                                    "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "2",
+                                    "--warmup_steps", "10", "--lr_scheduler_type", "cosine"))
     given = recipe.config.to_dict()
     recipe.build_trainer()
     row = recipe.train_split.dataset[0]
