@@ -42,7 +42,7 @@ logger = logging.getLogger("yulan_tune.rejection_sampling")
 class RejectionSamplingConfig:
     out_dir: str = "outputs/rejection_sampling"
     sft_model: str | None = None  # the model to sample from; None: train the quickstart's SFT model into out_dir/sft
-    train_problems: int = 4500  # the first N problems of the bundled train split (tiny_full.yaml trains on 1500 of them)
+    train_problems: int = 4500  # the first N problems of the bundled train split (tiny_full.yaml trains on 10000)
     samples_per_problem: int = 8
     temperature: float = 1.0
     max_new_tokens: int = 48  # the bundled solutions are under 40 tokens; exact-match generates 48 too
