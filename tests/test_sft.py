@@ -157,7 +157,8 @@ def test_bf16_on_a_cpu_only_machine_is_accepted() -> None:
 def test_quickstart_sft_uses_bf16_only_where_the_cpu_computes_it(tiny_dir, tmp_path, monkeypatch, bf16_units) -> None:
     """Emulated bf16 is slower than fp32, so the quickstart asks for it only on a CPU with bf16 units."""
     import yulan_tune.quickstart as quickstart
+    import yulan_tune.training.post_training as post_training
 
-    monkeypatch.setattr(quickstart, "cpu_has_bf16_units", lambda: bf16_units)
+    monkeypatch.setattr(post_training, "cpu_has_bf16_units", lambda: bf16_units)
     recipe = quickstart.quickstart_sft(tiny_dir, tmp_path / "model")
     assert recipe.config.bf16 is bf16_units and recipe.config.use_cpu is bf16_units

@@ -17,8 +17,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from yulan_tune.data.math_problems import generate_problems
 from yulan_tune.dpo import DPORecipe
 from yulan_tune.dpo import parse_config as parse_dpo_config
@@ -32,7 +30,7 @@ from yulan_tune.paths import RECIPES_DIR
 from yulan_tune.sft import SFTRecipe
 from yulan_tune.sft import parse_config as parse_sft_config
 from yulan_tune.tiny import build_tiny
-from yulan_tune.training.post_training import cpu_has_bf16_units
+from yulan_tune.training.post_training import native_bf16_overrides
 
 QUICKSTART_CONFIG = RECIPES_DIR / "configs" / "tiny_full.yaml"
 QUICKSTART_DPO_CONFIG = RECIPES_DIR / "configs" / "dpo_tiny.yaml"
@@ -65,10 +63,9 @@ def run_dpo_quickstart(sft_model_dir: str | Path, out_dir: str | Path, *, config
 
 def quickstart_sft(tiny_dir: str | Path, output_dir: str | Path) -> SFTRecipe:
     """The quickstart's SFT recipe (tiny_full.yaml) on `tiny_dir`, in bf16 autocast where the CPU computes bf16
-    natively (~1.5x faster there; elsewhere fp32, since emulated bf16 is slower). On a GPU trl's defaults apply."""
-    precision = ["--bf16", "true"] if not torch.cuda.is_available() and cpu_has_bf16_units() else []
+    natively (~1.5x faster there)."""
     return SFTRecipe(parse_sft_config(["--config", str(QUICKSTART_CONFIG), "--model_name_or_path", str(tiny_dir),
-                                       "--output_dir", str(output_dir), *precision]))
+                                       "--output_dir", str(output_dir), *native_bf16_overrides()]))
 
 
 def run_quickstart(out: str | Path = "outputs/quickstart", *, num_problems: int = 200, dpo: bool = False

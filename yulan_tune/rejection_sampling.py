@@ -31,6 +31,7 @@ from yulan_tune.paths import RECIPES_DIR
 from yulan_tune.sft import SFTRecipe
 from yulan_tune.sft import parse_config as parse_sft_config
 from yulan_tune.tiny import resolve_tiny
+from yulan_tune.training.post_training import native_bf16_overrides
 
 QUICKSTART_SFT_CONFIG = RECIPES_DIR / "configs" / "tiny_full.yaml"
 ROUND_SFT_CONFIG = RECIPES_DIR / "configs" / "rejection_sampling_tiny.yaml"
@@ -118,7 +119,8 @@ def run_rejection_sampling(config: RejectionSamplingConfig, *, show_progress: bo
     if config.sft_model is None:  # the quickstart's SFT model
         sft_model = str(out / "sft")
         with quiet_logging():
-            _sft(str(QUICKSTART_SFT_CONFIG), resolve_tiny("tiny", "model"), "bundled:math_chat", Path(sft_model), [])
+            _sft(str(QUICKSTART_SFT_CONFIG), resolve_tiny("tiny", "model"), "bundled:math_chat", Path(sft_model),
+                 native_bf16_overrides())  # as the quickstart trains it
         seconds["sft_model"] = time.time() - started
     else:
         sft_model = resolve_tiny(config.sft_model, "model")

@@ -32,6 +32,12 @@ def cpu_has_bf16_units() -> bool:
     return any(getattr(cpu, probe, lambda: False)() for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
 
 
+def native_bf16_overrides() -> list[str]:
+    """`--bf16 true` on a machine without CUDA whose CPU computes bf16 natively, else nothing (the defaults then
+    hold: trl's on a GPU, fp32 on a CPU without bf16 units, where emulated bf16 is slower)."""
+    return ["--bf16", "true"] if not torch.cuda.is_available() and cpu_has_bf16_units() else []
+
+
 def resolve_cpu_precision(args) -> None:
     """On a machine without CUDA: fp32 unless `bf16` was asked for, and `use_cpu` when it was.
 
