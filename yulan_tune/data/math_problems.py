@@ -25,7 +25,11 @@ ADD_SUB_RANGE = (1, 9)
 _SPLIT_SEED = {"train": 0, "test": 1_000_003}
 # The test split leaves out every question of the first TRAIN_POOL train problems (of the same seed), so a train set
 # of at most this many never contains a test question. The question space is small: the first 10000 train problems
-# (the quickstart's SFT set) hold 103 of the first 1000 test questions unless they are left out.
+# (the quickstart's SFT set) hold 103 of the first 1000 test questions unless they are left out. Leaving them out
+# uses up most multiplications (3500 possible questions), so the test split draws each problem's kind first, in the
+# generator's shares (KINDS), and then a question of that kind that train does not use. Without that the first 1000
+# test problems held 6.4% multiplications and 29% two-step problems; with it 16.5% and 17.7% (the first 10000 train
+# problems: 13.9% and 17.9%, fewer multiplications because repeated questions are dropped).
 TRAIN_POOL = 30000
 
 
@@ -37,9 +41,12 @@ class MathProblem:
     operation: str  # "add", "sub", "mul", "add_sub"
 
 
-def _make_problem(rng: random.Random) -> MathProblem:
+KINDS = ["add", "add", "sub", "sub", "mul", "add_sub"]  # drawn uniformly: the kinds' shares of the problems
+
+
+def _make_problem(rng: random.Random, kind: str | None = None) -> MathProblem:
     name, item = rng.choice(NAMES), rng.choice(ITEMS)
-    kind = rng.choice(["add", "add", "sub", "sub", "mul", "add_sub"])
+    kind = kind or rng.choice(KINDS)
     if kind == "add":
         a, b = rng.randint(*ADD_RANGE), rng.randint(*ADD_RANGE)
         answer = a + b
@@ -103,18 +110,24 @@ def _train_questions(seed: int) -> frozenset[str]:
 
 
 def _draw(n: int, rng: random.Random, excluded: frozenset[str], split: str) -> list[MathProblem]:
+    """`n` distinct problems whose questions are not in `excluded`; with an exclusion, each problem's kind is drawn
+    first and kept while questions are redrawn, so the exclusion does not shift the mix of kinds."""
     problems: list[MathProblem] = []
     seen: set[str] = set()
     attempts = 0
+    kind = None
     while len(problems) < n:
         attempts += 1
         if attempts > 100 * n + 1000:
             raise RuntimeError(f"could not generate {n} distinct {split} problems")
-        problem = _make_problem(rng)
+        if excluded and kind is None:
+            kind = rng.choice(KINDS)
+        problem = _make_problem(rng, kind)
         if problem.question in seen or problem.question in excluded:
             continue
         seen.add(problem.question)
         problems.append(problem)
+        kind = None
     return problems
 
 
