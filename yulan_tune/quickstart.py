@@ -53,8 +53,9 @@ class QuickstartResult:
     dpo: dict[str, dict[str, Any]] = field(default_factory=dict)  # output directory -> that DPO run's metrics
 
 
-def run_dpo_quickstart(sft_model_dir: str | Path, out_dir: str | Path, *, config_file: str | Path = QUICKSTART_DPO_CONFIG,
-                       extra_args: list[str] | None = None) -> dict[str, Any]:
+def run_dpo_quickstart(sft_model_dir: str | Path, out_dir: str | Path, *,
+                       config_file: str | Path = QUICKSTART_DPO_CONFIG, extra_args: list[str] | None = None
+                       ) -> dict[str, Any]:
     """DPO on the quickstart's SFT model with `config_file` (dpo_tiny.yaml); returns the measured metrics."""
     config = parse_dpo_config(["--config", str(config_file), "--model_name_or_path", str(sft_model_dir),
                                "--output_dir", str(out_dir), *(extra_args or [])])

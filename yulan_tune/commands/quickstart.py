@@ -42,7 +42,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--num-problems", type=int, default=None,
                         help="held-out problems to score (default 200; with --instruct 1000)")
     parser.add_argument("--dpo", action="store_true",
-                        help="SFT (tiny_full.yaml), then DPO + NLL (dpo_tiny.yaml) and LoRA DPO + NLL (dpo_tiny_lora.yaml)")
+                        help="SFT (tiny_full.yaml), then DPO + NLL (dpo_tiny.yaml) and LoRA DPO + NLL "
+                             "(dpo_tiny_lora.yaml)")
     parser.add_argument("--instruct", action="store_true",
                         help="SFT -> on-policy DPO -> GRPO (make instruct-quickstart)")
     parser.add_argument("--compare-fixed-pairs", action="store_true",

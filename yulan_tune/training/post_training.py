@@ -28,8 +28,8 @@ def liger_kernels_available() -> bool:
 def cpu_has_bf16_units() -> bool:
     """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX): there bf16 autocast trains the tiny YuLan ~1.5x
     faster end to end; elsewhere it is emulated and slower (docs/tiny_model.md). torch has no public query for it."""
-    cpu = torch.cpu
-    return any(getattr(cpu, probe, lambda: False)() for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, probe, lambda: False)() for probe in probes)
 
 
 def native_bf16_overrides() -> list[str]:
