@@ -7,6 +7,7 @@ with other SFT settings, and score it on a validation set, one try per invocatio
     python -m benchmarks.tiny_learning loop b80 --seed 1 --eval-every 134                # the issue's plain loop
     python -m benchmarks.tiny_learning analyse s_b80                               # where the answers go wrong
     python -m benchmarks.tiny_learning --num-problems 1000 dpo outputs/quickstart/model d1 -- --learning_rate 2e-5
+    python -m benchmarks.tiny_learning --num-problems 1000 grpo outputs/quickstart/model g1 -- --max_steps 100
 
 The validation problems are disjoint from the quickstart's 200 held-out problems and from the train split, so the
 held-out numbers the README reports are not tuned on. `docs/tiny_model.md` has the table of tries and what each gave.
@@ -83,8 +84,14 @@ def fine_tune(args: argparse.Namespace) -> None:
 
 
 def preference_tune(args: argparse.Namespace) -> None:
-    """DPO (dpo_tiny.yaml unless --config) from an SFT model, scored on the validation problems before and after."""
-    from yulan_tune.dpo import DPORecipe, parse_config
+    """DPO (dpo_tiny.yaml unless --config) or GRPO (grpo_tiny.yaml) from an SFT model, scored on the validation
+    problems before and after."""
+    if args.command == "dpo":
+        from yulan_tune.dpo import DPORecipe as Recipe
+        from yulan_tune.dpo import parse_config
+    else:
+        from yulan_tune.grpo import GRPORecipe as Recipe
+        from yulan_tune.grpo import parse_config
     from yulan_tune.evaluation.exact_match import math_correct
     from yulan_tune.evaluation.paired import compare_paired
     from yulan_tune.loading import load_model, load_tokenizer
@@ -92,16 +99,18 @@ def preference_tune(args: argparse.Namespace) -> None:
     problems = validation_problems(args.num_problems)
     before = math_correct(load_model(args.sft), load_tokenizer(args.sft), problems)
     config = parse_config(["--config", args.config, "--model_name_or_path", args.sft, "--eval_math_problems", "0",
-                           "--output_dir", str(args.workdir / "dpo" / args.name), *args.overrides])
+                           "--output_dir", str(args.workdir / args.command / args.name), *args.overrides])
     started = time.perf_counter()
-    recipe = DPORecipe(config)
+    recipe = Recipe(config)
     metrics = recipe.run()
     seconds = time.perf_counter() - started
     after = math_correct(recipe.trainer.model, recipe.tokenizer, problems)
-    record(args.workdir, {"kind": "dpo", "name": args.name, "sft": args.sft, "config": args.config,
+    record(args.workdir, {"kind": args.command, "name": args.name, "sft": args.sft, "config": args.config,
                           "overrides": args.overrides, "validation_problems": args.num_problems,
-                          "paired": compare_paired(before, after).as_dict(), "dpo_seconds": round(seconds, 1),
-                          "preference_heldout": metrics.get("heldout_after")})
+                          "paired": compare_paired(before, after).as_dict(), "seconds": round(seconds, 1),
+                          "preference_heldout": metrics.get("heldout_after"), "final_beta": metrics.get("final_beta"),
+                          "rewards_logged": [round(log["reward"], 3) for log in recipe.trainer.state.log_history
+                                             if "reward" in log]})
 
 
 def plain_loop(args: argparse.Namespace) -> None:
@@ -204,6 +213,11 @@ def main(argv: list[str] | None = None) -> int:
     dpo.add_argument("name")
     dpo.add_argument("--config", default=str(REPO_ROOT / "recipes" / "configs" / "dpo_tiny.yaml"))
     dpo.add_argument("overrides", nargs="*", help="DPO config overrides after --, as on the dpo command line")
+    grpo = commands.add_parser("grpo", help="GRPO from an SFT model, scored before and after")
+    grpo.add_argument("sft", help="the starting model's directory")
+    grpo.add_argument("name")
+    grpo.add_argument("--config", default=str(REPO_ROOT / "recipes" / "configs" / "grpo_tiny.yaml"))
+    grpo.add_argument("overrides", nargs="*", help="GRPO config overrides after --, as on the grpo command line")
     loop = commands.add_parser("loop", help="the issue's plain PyTorch loop on a base, scored")
     loop.add_argument("base")
     loop.add_argument("--seed", type=int, default=0, help="data order and torch seed")
@@ -218,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.workdir.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("YULAN_TUNE_HOME", str(args.workdir / "home"))
-    {"base": build_base, "sft": fine_tune, "dpo": preference_tune, "loop": plain_loop,
+    {"base": build_base, "sft": fine_tune, "dpo": preference_tune, "grpo": preference_tune, "loop": plain_loop,
      "analyse": analyse}[args.command](args)
     return 0
 

@@ -38,8 +38,10 @@ from yulan_tune.conventions import IGNORE_INDEX
 from yulan_tune.data.bundled import MATH_PREFERENCES, check_bundled, is_bundled
 from yulan_tune.data.math_problems import generate_problems
 from yulan_tune.data.preferences import (
+    REJECTED_SPANS,
     PreferenceExample,
     TokenizedPreferences,
+    cut_rejected_at_first_difference,
     UnpairedExample,
     load_preference_examples,
     math_preference_pairs,
@@ -103,6 +105,10 @@ class DPOConfig(trl.DPOConfig, PostTrainingModelConfig, HarnessEvalArguments):
     overlong: str = field(
         default="drop", metadata={"help": "pairs longer than max_length: 'drop' or 'truncate' (both counted)"}
     )
+    rejected_span: str = field(default="full", metadata={
+        "help": "'full', or 'first_difference': each rejected response is cut after its first token that differs "
+                "from the chosen one, so only the mistake is pushed down, not the tokens that follow from it "
+                "(step-level DPO; for answers in a fixed worked format)"})
     simpo_gamma: float = field(default=0.5, metadata={"help": "SimPO target reward margin (loss_type: [simpo])"})
     cpo_alpha: float = field(default=0.0, metadata={"help": "NLL weight for loss_type [simpo]; 0 = pure SimPO"})
     desirable_weight: float = field(default=1.0, metadata={"help": "KTO weight of desirable rows"})
@@ -123,9 +129,13 @@ class DPOConfig(trl.DPOConfig, PostTrainingModelConfig, HarnessEvalArguments):
         resolve_cpu_precision(self)
         if self.overlong not in ("drop", "truncate"):
             raise ValueError(f"overlong must be 'drop' or 'truncate', got {self.overlong!r}")
+        if self.rejected_span not in REJECTED_SPANS:
+            raise ValueError(f"rejected_span must be one of {REJECTED_SPANS}, got {self.rejected_span!r}")
         self.resolve_model_fields()
         super().__post_init__()
         self.method = preference_method(self.loss_type)
+        if self.rejected_span != "full" and self.method == "kto":
+            raise ValueError("rejected_span applies to pairs; loss_type [kto] trains on unpaired rows")
         if self.method in ("simpo", "orpo") and self.precompute_ref_log_probs:
             raise ValueError(f"loss_type [{self.method}] is reference-free: precompute_ref_log_probs does not apply")
 
@@ -232,6 +242,7 @@ class DPORecipe:
         self.train_data: TokenizedPreferences | None = None
         self.heldout: TokenizedPreferences | None = None
         self.reference_heldout: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.rejected_cut = 0  # training pairs whose rejected response was cut at its first difference
 
     # data -------------------------------------------------------------------------------------------------------
     def _examples(self, source: str, split: str, bundled_split: str, n_bundled: int) -> tuple[list, SkipReport]:
@@ -254,6 +265,8 @@ class DPORecipe:
                              f"loss_type {c.loss_type} trains on chosen/rejected pairs")
         self.train_data = tokenize_preferences(examples, self.tokenizer, max_length=c.max_length,
                                                overlong=c.overlong, report=report)
+        if c.rejected_span == "first_difference":
+            self.rejected_cut = cut_rejected_at_first_difference(self.train_data)
         logger.debug("%s: %d rows kept; %s", c.dataset, len(self.train_data), report.summary())
         if not len(self.train_data):
             raise ValueError(f"{c.dataset}: no usable rows. {report.summary()}")
@@ -350,7 +363,8 @@ class DPORecipe:
             metrics["math_accuracy_before"] = sum(correct_before) / len(correct_before)
         result = trainer.train(resume_from_checkpoint=resume_checkpoint(c.resume_from_checkpoint, c.output_dir))
         metrics.update(train_loss=result.training_loss, train_rows=len(self.train_data),
-                       skipped=dict(self.train_data.report.counts), train_seconds=round(time.time() - started, 1))
+                       skipped=dict(self.train_data.report.counts), rejected_cut=self.rejected_cut,
+                       train_seconds=round(time.time() - started, 1))
         out = Path(c.output_dir)
         trainer.save_model(str(out))  # full model, or only the adapter for LoRA / QLoRA
         if trainer.is_world_process_zero():

@@ -326,6 +326,31 @@ def tokenize_preferences(
     return out
 
 
+REJECTED_SPANS = ("full", "first_difference")
+
+
+def cut_rejected_at_first_difference(data: TokenizedPreferences) -> int:
+    """Cut each rejected response after its first token that differs from the chosen one; returns how many were cut.
+
+    A worked answer that goes wrong at one step carries the mistake on consistently ("14 - 8 = 5. The answer is
+    5."): every token after the first wrong one is right *given* it. DPO on the whole rejected response lowers those
+    tokens too, and so teaches the model not to carry its own results forward; on the tiny math model that cost
+    exact-match (docs/tiny_model.md). Cut after the first difference, the rejected side holds only the mistake (the
+    shared prefix cancels in DPO's log-ratio difference), while the chosen side keeps the whole correct answer.
+    This is the step-level preference of Step-DPO (Lai et al. 2024, arXiv 2406.18629) at the granularity of one
+    token: it assumes the first difference is the mistake, which holds for answers in a fixed worked format, not
+    for two freely written replies.
+    """
+    chosen_rows, rejected_rows = data.columns["chosen_ids"], data.columns["rejected_ids"]
+    cut = 0
+    for row, (chosen, rejected) in enumerate(zip(chosen_rows, rejected_rows)):
+        first = next((i for i, (a, b) in enumerate(zip(chosen, rejected)) if a != b), None)
+        if first is not None and first + 1 < len(rejected):
+            rejected_rows[row] = list(rejected[: first + 1])
+            cut += 1
+    return cut
+
+
 # ------------------------------------------------------------------------------- bundled math preference pairs
 
 _STEP = re.compile(r"(-?\d+) ([-+*]) (-?\d+) = (-?\d+)\.")
