@@ -245,3 +245,27 @@ def test_shipped_configs_parse_with_the_yulan_recipe() -> None:
 def test_bundled_pairs_tokenize_within_the_tiny_limit(tiny_tokenizer) -> None:
     pairs = tokenize_preferences(math_preference_pairs(50), tiny_tokenizer, max_length=256)
     assert len(pairs) == 50 and not pairs.report
+
+
+def test_first_difference_span_trains_on_the_mistake_only(tiny_dir: Path, tmp_path: Path) -> None:
+    recipe = DPORecipe(_config(tiny_dir, tmp_path / "step", rejected_span="first_difference"))
+    metrics = recipe.run()
+    rows = recipe.trainer.train_dataset
+    whole = tokenize_preferences(math_preference_pairs(N_PAIRS), recipe.tokenizer, max_length=128)
+    cut = 0
+    for chosen, rejected, full_rejected in zip(rows["chosen_ids"], rows["rejected_ids"],
+                                               whole.columns["rejected_ids"]):
+        first = next(i for i, (a, b) in enumerate(zip(chosen, full_rejected)) if a != b)
+        assert rejected == full_rejected[: first + 1] and rejected[-1] != chosen[first]
+        cut += len(rejected) < len(full_rejected)
+    # the chosen answers stay whole; the count of cut answers is reported; held-out pairs are scored whole
+    assert rows["chosen_ids"] == whole.columns["chosen_ids"]
+    assert metrics["rejected_cut"] == cut > 0
+    assert recipe.heldout.columns["rejected_ids"][0][-1] == recipe.tokenizer.convert_tokens_to_ids("<|eot_id|>")
+
+
+def test_first_difference_span_needs_pairs(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="rejected_span"):
+        DPOConfig(output_dir=str(tmp_path), loss_type=["kto"], rejected_span="first_difference")
+    with pytest.raises(ValueError, match="rejected_span"):
+        DPOConfig(output_dir=str(tmp_path), rejected_span="first_step")
