@@ -13,9 +13,8 @@ from yulan_tune.data.math_problems import extract_answer, generate_problems
 from yulan_tune.data.preferences import (
     REJECTION_KINDS,
     PreferenceExample,
-    TokenizedPreferences,
     UnpairedExample,
-    cut_rejected_at_first_difference,
+    cut_at_first_difference,
     load_preference_examples,
     math_preference_pairs,
     parse_preference_record,
@@ -150,22 +149,23 @@ def test_overlong_pairs_are_counted_dropped_or_truncated(tiny_tokenizer) -> None
 
 
 def test_rejected_is_cut_after_its_first_difference() -> None:
-    data = TokenizedPreferences(columns={
-        "prompt_ids": [[1], [1], [1], [1]],
-        "chosen_ids": [[5, 6, 7, 8, 2], [5, 6, 2], [9, 2], [5, 6, 7, 2]],
-        "rejected_ids": [[5, 6, 4, 8, 2], [5, 6, 7, 7, 2], [3, 2], [5, 6, 2]],
-    })
-    assert cut_rejected_at_first_difference(data) == 3
-    # cut after the first differing token, which may be the first token; chosen untouched; a rejected that ends
-    # where it first differs (here with its end-of-turn token) is already only its mistake
-    assert data.columns["rejected_ids"] == [[5, 6, 4], [5, 6, 7], [3], [5, 6, 2]]
-    assert data.columns["chosen_ids"] == [[5, 6, 7, 8, 2], [5, 6, 2], [9, 2], [5, 6, 7, 2]]
+    chosen = [[5, 6, 7, 8, 2], [5, 6, 2], [9, 2], [5, 6, 7, 2]]
+    rejected = [[5, 6, 4, 8, 2], [5, 6, 7, 7, 2], [3, 2], [5, 6, 2]]
+    cut = [cut_at_first_difference(c, r) for c, r in zip(chosen, rejected)]
+    # cut after the first differing token, which may be the first token; a rejected that ends where it first differs
+    # (here with its end-of-turn token) is already only its mistake
+    assert cut == [[5, 6, 4], [5, 6, 7], [3], [5, 6, 2]]
+    assert sum(len(a) < len(b) for a, b in zip(cut, rejected)) == 3
 
 
 def test_cut_bundled_pairs_end_at_the_mistake(tiny_tokenizer) -> None:
     pairs = math_preference_pairs(40)
-    data = tokenize_preferences(pairs, tiny_tokenizer, max_length=None)
-    cut_rejected_at_first_difference(data)
+    data = tokenize_preferences(pairs, tiny_tokenizer, max_length=None, rejected_span="first_difference")
+    whole = tokenize_preferences(pairs, tiny_tokenizer, max_length=None)
+    assert data.columns["chosen_ids"] == whole.columns["chosen_ids"]
+    cut = sum(len(a) < len(b) for a, b in zip(data.columns["rejected_ids"], whole.columns["rejected_ids"]))
+    assert data.report.counts == {"rejected_cut_at_first_difference": cut} and cut > 0
+    assert data.report.total_skipped == 0
     for pair, chosen, rejected in zip(pairs, data.columns["chosen_ids"], data.columns["rejected_ids"]):
         # what is left of the rejected answer is a prefix of its text that the chosen answer does not start with
         text = tiny_tokenizer.decode(rejected)

@@ -42,7 +42,6 @@ from yulan_tune.data.preferences import (
     PreferenceExample,
     TokenizedPreferences,
     UnpairedExample,
-    cut_rejected_at_first_difference,
     load_preference_examples,
     math_preference_pairs,
     tokenize_preferences,
@@ -242,7 +241,6 @@ class DPORecipe:
         self.train_data: TokenizedPreferences | None = None
         self.heldout: TokenizedPreferences | None = None
         self.reference_heldout: tuple[torch.Tensor, torch.Tensor] | None = None
-        self.rejected_cut = 0  # training pairs whose rejected response was cut at its first difference
 
     # data -------------------------------------------------------------------------------------------------------
     def _examples(self, source: str, split: str, bundled_split: str, n_bundled: int) -> tuple[list, SkipReport]:
@@ -264,9 +262,7 @@ class DPORecipe:
             raise ValueError(f"{c.dataset}: unpaired rows (prompt/completion/label) need loss_type: [kto]; "
                              f"loss_type {c.loss_type} trains on chosen/rejected pairs")
         self.train_data = tokenize_preferences(examples, self.tokenizer, max_length=c.max_length,
-                                               overlong=c.overlong, report=report)
-        if c.rejected_span == "first_difference":
-            self.rejected_cut = cut_rejected_at_first_difference(self.train_data)
+                                               overlong=c.overlong, rejected_span=c.rejected_span, report=report)
         logger.debug("%s: %d rows kept; %s", c.dataset, len(self.train_data), report.summary())
         if not len(self.train_data):
             raise ValueError(f"{c.dataset}: no usable rows. {report.summary()}")
@@ -363,7 +359,8 @@ class DPORecipe:
             metrics["math_accuracy_before"] = sum(correct_before) / len(correct_before)
         result = trainer.train(resume_from_checkpoint=resume_checkpoint(c.resume_from_checkpoint, c.output_dir))
         metrics.update(train_loss=result.training_loss, train_rows=len(self.train_data),
-                       skipped=dict(self.train_data.report.counts), rejected_cut=self.rejected_cut,
+                       skipped=dict(self.train_data.report.counts),
+                       rejected_cut=self.train_data.report.counts.get("rejected_cut_at_first_difference", 0),
                        train_seconds=round(time.time() - started, 1))
         out = Path(c.output_dir)
         trainer.save_model(str(out))  # full model, or only the adapter for LoRA / QLoRA

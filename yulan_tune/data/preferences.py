@@ -277,12 +277,31 @@ def response_ids(tokenizer: Any, prompt: list[dict], response: list[dict], promp
     return full[len(prompt_ids):]
 
 
+REJECTED_SPANS = ("full", "first_difference")
+
+
+def cut_at_first_difference(chosen: list[int], rejected: list[int]) -> list[int]:
+    """`rejected` up to and including its first token that differs from `chosen` (unchanged if none differs).
+
+    A worked answer that goes wrong at one step carries the mistake on consistently ("14 - 8 = 5. The answer is
+    5."): every token after the first wrong one is right *given* it. DPO on the whole rejected response lowers those
+    tokens too, and so unlearns true facts and carrying a result forward (docs/tiny_model.md). Cut after the first
+    difference, the rejected side holds only the mistake (the shared prefix cancels in DPO's log-ratio difference),
+    while the chosen side keeps the whole correct answer. This is the step-level preference of Step-DPO (Lai et al.
+    2024, arXiv 2406.18629) at the granularity of one token: it assumes the first difference is the mistake, which
+    holds for answers in a fixed worked format, not for two freely written replies.
+    """
+    first = next((i for i, (a, b) in enumerate(zip(chosen, rejected)) if a != b), None)
+    return rejected if first is None else rejected[: first + 1]
+
+
 def tokenize_preferences(
     examples: Sequence[PreferenceExample | UnpairedExample],
     tokenizer: Any,
     *,
     max_length: int | None,
     overlong: Literal["drop", "truncate"] = "drop",
+    rejected_span: Literal["full", "first_difference"] = "full",
     report: SkipReport | None = None,
 ) -> TokenizedPreferences:
     """Pairs -> prompt_ids / chosen_ids / rejected_ids; unpaired rows -> prompt_ids / completion_ids / label.
@@ -291,7 +310,11 @@ def tokenize_preferences(
     ("too_long_truncated"; a prompt that fills `max_length` alone is still dropped, and a pair whose responses become
     identical when cut is dropped as "identical_after_truncation": it would carry no preference). Dropping is the
     default because the tokens that decide a preference are often the last ones (the final answer).
+    `rejected_span="first_difference"` cuts each rejected response after its first token that differs from the
+    chosen one (`cut_at_first_difference`; counted as "rejected_cut_at_first_difference"), before the length check.
     """
+    if rejected_span not in REJECTED_SPANS:
+        raise ValueError(f"rejected_span must be one of {REJECTED_SPANS}, got {rejected_span!r}")
     if overlong not in ("drop", "truncate"):
         raise ValueError(f"overlong must be 'drop' or 'truncate', got {overlong!r}")
     out = TokenizedPreferences(report=report if report is not None else SkipReport())
@@ -305,6 +328,12 @@ def tokenize_preferences(
         prompt_ids = generation_prompt_ids(tokenizer, example.prompt)
         responses = (example.chosen, example.rejected) if paired else (example.completion,)
         ids = [response_ids(tokenizer, example.prompt, r, prompt_ids, example.where) for r in responses]
+        if paired and rejected_span == "first_difference":
+            rejected = cut_at_first_difference(*ids)
+            if len(rejected) < len(ids[1]):
+                out.report.add("rejected_cut_at_first_difference", example.where,
+                               f"{len(ids[1])} -> {len(rejected)} tokens")
+                ids[1] = rejected
         length = len(prompt_ids) + max(map(len, ids))
         if max_length is not None and length > max_length:
             room = max_length - len(prompt_ids)
@@ -324,31 +353,6 @@ def tokenize_preferences(
             out.columns["label"].append(example.label)
         out.kept.append(example)
     return out
-
-
-REJECTED_SPANS = ("full", "first_difference")
-
-
-def cut_rejected_at_first_difference(data: TokenizedPreferences) -> int:
-    """Cut each rejected response after its first token that differs from the chosen one; returns how many were cut.
-
-    A worked answer that goes wrong at one step carries the mistake on consistently ("14 - 8 = 5. The answer is
-    5."): every token after the first wrong one is right *given* it. DPO on the whole rejected response lowers those
-    tokens too, and so teaches the model not to carry its own results forward; on the tiny math model that cost
-    exact-match (docs/tiny_model.md). Cut after the first difference, the rejected side holds only the mistake (the
-    shared prefix cancels in DPO's log-ratio difference), while the chosen side keeps the whole correct answer.
-    This is the step-level preference of Step-DPO (Lai et al. 2024, arXiv 2406.18629) at the granularity of one
-    token: it assumes the first difference is the mistake, which holds for answers in a fixed worked format, not
-    for two freely written replies.
-    """
-    chosen_rows, rejected_rows = data.columns["chosen_ids"], data.columns["rejected_ids"]
-    cut = 0
-    for row, (chosen, rejected) in enumerate(zip(chosen_rows, rejected_rows)):
-        first = next((i for i, (a, b) in enumerate(zip(chosen, rejected)) if a != b), None)
-        if first is not None and first + 1 < len(rejected):
-            rejected_rows[row] = list(rejected[: first + 1])
-            cut += 1
-    return cut
 
 
 # ------------------------------------------------------------------------------- bundled math preference pairs

@@ -28,7 +28,7 @@ DATA_SUFFIXES = (".jsonl", ".ndjson", ".json", ".parquet", ".csv", ".tsv", *TEXT
 TXT_SPLITS = ("file", "blank_lines")
 BLANK_LINES = re.compile(r"\n[ \t\r\f\v]*\n\s*")
 # reasons that change a row but keep it (counted, but not in `total_skipped`)
-KEPT_REASONS = frozenset({"too_long_truncated"})
+KEPT_REASONS = frozenset({"too_long_truncated", "rejected_cut_at_first_difference"})
 BAD_ROW_POLICIES = ("raise", "skip")
 BadRowPolicy = Literal["raise", "skip"]
 Example = TypeVar("Example")
