@@ -85,19 +85,24 @@ def fine_tune(args: argparse.Namespace) -> None:
 
 def preference_tune(args: argparse.Namespace) -> None:
     """DPO (dpo_tiny.yaml unless --config) or GRPO (grpo_tiny.yaml) from an SFT model, scored on the validation
-    problems before and after."""
+    problems and on the recipes' held-out problems before and after."""
     if args.command == "dpo":
         from yulan_tune.dpo import DPORecipe as Recipe
         from yulan_tune.dpo import parse_config
     else:
         from yulan_tune.grpo import GRPORecipe as Recipe
         from yulan_tune.grpo import parse_config
+    from yulan_tune.data.math_problems import generate_problems
     from yulan_tune.evaluation.exact_match import math_correct
     from yulan_tune.evaluation.paired import compare_paired
     from yulan_tune.loading import load_model, load_tokenizer
 
     problems = validation_problems(args.num_problems)
-    before = math_correct(load_model(args.sft), load_tokenizer(args.sft), problems)
+    # the recipes' own held-out problems too (what `make dpo-quickstart` reports): a second, independent draw
+    heldout = generate_problems(args.num_problems, 0, split="test")
+    sft_model, sft_tokenizer = load_model(args.sft), load_tokenizer(args.sft)
+    before = math_correct(sft_model, sft_tokenizer, problems)
+    heldout_before = math_correct(sft_model, sft_tokenizer, heldout)
     config = parse_config(["--config", args.config, "--model_name_or_path", args.sft, "--eval_math_problems", "0",
                            "--output_dir", str(args.workdir / args.command / args.name), *args.overrides])
     started = time.perf_counter()
@@ -105,9 +110,12 @@ def preference_tune(args: argparse.Namespace) -> None:
     metrics = recipe.run()
     seconds = time.perf_counter() - started
     after = math_correct(recipe.trainer.model, recipe.tokenizer, problems)
+    heldout_after = math_correct(recipe.trainer.model, recipe.tokenizer, heldout)
     record(args.workdir, {"kind": args.command, "name": args.name, "sft": args.sft, "config": args.config,
                           "overrides": args.overrides, "validation_problems": args.num_problems,
-                          "paired": compare_paired(before, after).as_dict(), "seconds": round(seconds, 1),
+                          "paired": compare_paired(before, after).as_dict(),
+                          "heldout_paired": compare_paired(heldout_before, heldout_after).as_dict(),
+                          "seconds": round(seconds, 1),
                           "preference_heldout": metrics.get("heldout_after"), "final_beta": metrics.get("final_beta"),
                           "rewards_logged": [round(log["reward"], 3) for log in recipe.trainer.state.log_history
                                              if "reward" in log]})

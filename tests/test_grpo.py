@@ -13,6 +13,7 @@ import torch
 from yulan_tune.cli import main as cli_main
 from yulan_tune.data.chat import end_of_turn_ids
 from yulan_tune.evaluation.rewards import (
+    ArithmeticReward,
     CodeTestsReward,
     FormatReward,
     MathAnswerReward,
@@ -48,6 +49,9 @@ def test_reward_terms_on_hand_written_cases() -> None:
     assert MathAnswerReward()(prompts, completions, ids, answer=answers) == [1.0, 0.0, 1.0, 1.0, 0.0]
     assert MathAnswerReward()(prompts, completions, ids, answer=["", "7", "7", "7", "7"])[0] is None
     assert FormatReward()(prompts, completions, ids) == [1.0, 1.0, 0.0, 0.0, 0.0]
+    # the share of true equations; None where none is written (MIXED writes its sum in words)
+    assert ArithmeticReward()(prompts, completions, ids) == [1.0, 0.0, 1.0, None, None]
+    assert ArithmeticReward()([""], ["7 + 1 = 6. 6 + 2 = 8. The answer is 8."], None) == [0.5]
     assert TruncationPenalty([EOS, EOT])(prompts, completions, ids) == [0.0, 0.0, -1.0, 0.0, 0.0]
     assert MixedLanguagePenalty()(prompts, completions, ids) == [0.0, 0.0, 0.0, -1.0, 0.0]
     assert OneSentencePenalty()(prompts, [_turn("The answer is 7."), *completions], None) == [-1.0, 0.0, 0.0, 0.0,

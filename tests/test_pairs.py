@@ -96,6 +96,36 @@ def test_a_killed_run_resumes_to_the_same_pairs(tiny_dir: Path, tmp_path: Path) 
     assert len((killed / SAMPLES_FILE).read_text().splitlines()) == 6
 
 
+def test_check_arithmetic_relabels_stored_samples(tiny_dir: Path, tmp_path: Path) -> None:
+    """A right final answer reached through a false equation is a rejected answer with `check_arithmetic`; the
+    stored samples are relabelled without sampling again (every prompt is already in samples.jsonl)."""
+    from yulan_tune.data.math_problems import generate_problems
+
+    (problem,) = generate_problems(1, seed=0, split="train")
+    right = problem.solution
+    first_step = right.split(". ")[0]  # "a op b = c"
+    false_step = first_step.rsplit("= ", 1)[0] + f"= {int(first_step.rsplit('= ', 1)[1]) + 1}"
+    right_by_luck = right.replace(first_step, false_step, 1)
+    wrong = f"The answer is {problem.answer + 3}."
+    out = tmp_path / "pairs"
+    out.mkdir()
+    row = {"index": 0, "prompt": [{"role": "user", "content": problem.question}], "how": "math",
+           "samples": [right_by_luck, right, wrong], "correct": [True, True, False], "scores": None}
+    (out / SAMPLES_FILE).write_text(json.dumps(row) + "\n")
+
+    def pairs(check: bool) -> tuple[dict, list[tuple[str, str]]]:
+        metrics = PairsRecipe(PairsConfig(model=str(tiny_dir), num_bundled_prompts=1, out=str(out),
+                                          samples=3, pairs_per_prompt=2, check_arithmetic=check)).run()
+        rows = [json.loads(line) for line in (out / PAIRS_FILE).read_text().splitlines()]
+        return metrics, [(r["chosen"][0]["content"], r["rejected"][0]["content"]) for r in rows]
+
+    metrics, plain = pairs(False)
+    assert plain == [(right_by_luck, wrong)] and metrics["right_answer_false_equation"] is None
+    metrics, checked = pairs(True)
+    assert checked == [(right, right_by_luck)] and metrics["right_answer_false_equation"] == 1
+    assert metrics["resumed_prompts"] == 1 and metrics["sample_accuracy"] == 2 / 3  # the verifier's own labels
+
+
 def test_bad_input_is_one_line(tiny_dir: Path, tmp_path: Path, capsys) -> None:
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"prompt": "fine", "answer": 1}) + "\n" + json.dumps({"answer": 3}) + "\n")

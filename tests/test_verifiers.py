@@ -10,6 +10,7 @@ from yulan_tune.data.preferences import REJECTION_KINDS, math_preference_pairs
 from yulan_tune.verifiers import (
     CODE_OUTCOMES,
     answers_equivalent,
+    check_arithmetic,
     extract_final_answer,
     majority_answer,
     network_isolation,
@@ -69,6 +70,44 @@ def test_math_verifier_separates_every_bundled_preference_pair(split, n):
     wrongly_rejected = [p.line for p in pairs if not verify_math(p.chosen[-1]["content"], references[p.line]).correct]
     wrongly_accepted = [p.line for p in pairs if verify_math(p.rejected[-1]["content"], references[p.line]).correct]
     assert wrongly_rejected == [] and wrongly_accepted == []
+
+
+# ------------------------------------------------------------------------------------------------ arithmetic
+
+
+@pytest.mark.parametrize("text, equations, false", [
+    ("12 + 7 = 19. 19 - 5 = 14. The answer is 14.", 2, []),
+    ("7 + 1 = 6. 6 + 2 = 8. The answer is 8.", 2, ["7 + 1 = 6"]),  # right answer, false first step
+    ("3 * 4 - 2 = 10 and 2 + 3 * 4 = 14", 2, []),  # * before -, * before +
+    ("2 + 3 * 4 = 20", 1, ["2 + 3 * 4 = 20"]),  # left to right would make it true
+    ("7 - -3 = 10, -4 + 6 = 2, 10 / 4 = 2.5, 9 ÷ 3 × 2 = 6", 4, []),
+    ("1 / 0 = 0", 1, ["1 / 0 = 0"]),
+    ("6*7=42.", 1, []),
+    ("1.5 + 2 = 3.5", 0, []),  # decimals on the left are not read (not this checker's format)
+    ("version 2 + 3 = 51", 1, ["2 + 3 = 51"]),
+    ("x2 + 3 = 5 and 2 + 3 = 5x", 0, []),  # inside words: not equations
+    ("1 + 2 = 3 + 4 = 7", 1, []),  # a chain: its first link
+    ("The answer is 7.", 0, []),
+    ("", 0, []),
+])
+def test_check_arithmetic(text, equations, false):
+    check = check_arithmetic(text)
+    assert (check.equations, list(check.false)) == (equations, false)
+    assert check.all_true is (not false)
+    assert check.share_true == (None if not equations else 1 - len(false) / equations)
+
+
+def test_every_bundled_solution_is_true_and_arithmetic_mistakes_are_caught():
+    problems = generate_problems(1000, 0, "train")
+    assert all(check_arithmetic(p.solution).all_true and check_arithmetic(p.solution).equations for p in problems)
+    pairs = math_preference_pairs(1000, seed=0, split="train")
+    # the off-by-one mistake writes a false equation; a misread operand or a wrong reported number are worked out
+    # truly (the checker reads steps, not whether they fit the question); so is a wrong operation, except where it
+    # would not change the answer (2 * 2 = 2 + 2) and the generator falls back to off by one
+    checks = {kind: [check_arithmetic(p.rejected[-1]["content"]).all_true for p in pairs if p.kind == kind]
+              for kind in REJECTION_KINDS}
+    assert not any(checks["off_by_one"]) and all(checks["misread_operand"]) and all(checks["wrong_final_number"])
+    assert 0 < len(checks["wrong_operation"]) - sum(checks["wrong_operation"]) < len(checks["wrong_operation"]) / 20
 
 
 # ------------------------------------------------------------------------------------------------------ code

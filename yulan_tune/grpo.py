@@ -39,6 +39,7 @@ from yulan_tune.evaluation.exact_match import math_correct
 from yulan_tune.evaluation.paired import compare_paired
 from yulan_tune.evaluation.rewards import (
     REWARD_TERMS,
+    ArithmeticReward,
     CodeTestsReward,
     FormatReward,
     MathAnswerReward,
@@ -155,6 +156,7 @@ def build_reward_terms(config: GRPOConfig, tokenizer: Any) -> list[Any]:
         "math": MathAnswerReward,
         "code": CodeTestsReward,
         "format": FormatReward,
+        "arithmetic": ArithmeticReward,
         "truncation": lambda: TruncationPenalty(end_of_turn_ids(tokenizer)),
         "mixed_language": lambda: MixedLanguagePenalty(config.mixed_language_min_share),
         "one_sentence": OneSentencePenalty,

@@ -8,7 +8,9 @@ answer is verifiable and by a reward model otherwise (docs/yulan_reference.md se
 `samples` answers per prompt from the model (a `generation` backend: transformers, vLLM or an OpenAI-compatible
 server), each labelled by
 
-- the math verifier (`verifiers.math.verify_math`) where the prompt row has an `answer`,
+- the math verifier (`verifiers.math.verify_math`) where the prompt row has an `answer` (with `check_arithmetic`, a
+  right final answer counts as right only when every equation the answer writes is true, `verifiers.arithmetic`;
+  applied when the pairs are written, so rerunning with it relabels stored samples without sampling again),
 - the code verifier (`verifiers.code.run_code_tests`, only with `allow_code_execution`) where it has `tests`,
 - else the reward model (`reward_model`), higher score preferred;
 
@@ -25,7 +27,7 @@ import logging
 import os
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +37,7 @@ from yulan_tune.data.records import check_bad_row_policy
 from yulan_tune.evaluation.rewards import RewardModelScore, extract_program
 from yulan_tune.generation import SamplingSettings, make_backend
 from yulan_tune.tiny import resolve_tiny
+from yulan_tune.verifiers.arithmetic import check_arithmetic
 from yulan_tune.verifiers.math import verify_math
 
 logger = logging.getLogger(__name__)
@@ -65,6 +68,7 @@ class PairsConfig:
     batch_size: int = 32  # sequences per generate call (transformers backend)
     chunk_prompts: int = 64  # prompts sampled between two appends to samples.jsonl (the resume granularity)
     reward_model: str | None = None  # labels prompts without a verifiable reference
+    check_arithmetic: bool = False  # math: a right final answer with a false equation counts as wrong
     allow_code_execution: bool = False
     pairs_per_prompt: int = 1
     num_bundled_prompts: int = 1000
@@ -223,7 +227,7 @@ class PairsRecipe:
         c = self.config
         no_pair: Counter = Counter()
         labelled_by: Counter = Counter()
-        n_pairs = correct = answered = 0
+        n_pairs = correct = answered = false_steps = 0
         with (self.out / PAIRS_FILE).open("w", encoding="utf-8") as pairs_file:
             for index in range(len(prompts)):
                 row = done[index]
@@ -231,7 +235,11 @@ class PairsRecipe:
                 labelled_by[labelled.how] += 1
                 if labelled.correct is not None:
                     correct += sum(labelled.correct)
-                    answered += len(labelled.correct)
+                    answered += len(labelled.correct)  # the final answers' accuracy, before check_arithmetic
+                if c.check_arithmetic and labelled.how == "math":
+                    steps_true = [check_arithmetic(t).all_true for t in labelled.texts]
+                    false_steps += sum(ok and not true for ok, true in zip(labelled.correct, steps_true))
+                    labelled = replace(labelled, correct=[ok and true for ok, true in zip(labelled.correct, steps_true)])
                 pairs, reason = choose_pairs(labelled, c.pairs_per_prompt)
                 if reason:
                     no_pair[reason] += 1
@@ -244,6 +252,7 @@ class PairsRecipe:
         metrics = {"prompts": len(prompts), "samples_per_prompt": c.samples, "pairs": n_pairs,
                    "prompts_with_pair": len(prompts) - sum(no_pair.values()), "no_pair": dict(no_pair),
                    "labelled_by": dict(labelled_by), "sample_accuracy": correct / answered if answered else None,
+                   "right_answer_false_equation": false_steps if c.check_arithmetic else None,
                    "resumed_prompts": resumed, "skipped_rows": dict(report.counts),
                    "seconds": round(time.time() - started, 1), "pairs_file": str(self.out / PAIRS_FILE)}
         write_metrics(self.out, metrics)

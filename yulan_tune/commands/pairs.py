@@ -32,6 +32,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--adapter", default=None, help="LoRA adapter on --model (transformers backend)")
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
     parser.add_argument("--reward-model", default=None, help="labels prompts without answer / tests")
+    parser.add_argument("--check-arithmetic", action="store_true",
+                        help="math: a right final answer counts as right only when every equation it writes is true")
     parser.add_argument("--allow-code-execution", action="store_true",
                         help="run sampled programs against the rows' tests (limited subprocess, no network)")
     parser.add_argument("--pairs-per-prompt", type=int, default=defaults.pairs_per_prompt)
@@ -43,6 +45,7 @@ def main(argv: list[str]) -> int:
                          temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
                          seed=args.seed, backend=args.backend, base_url=args.base_url, adapter=args.adapter,
                          batch_size=args.batch_size, reward_model=args.reward_model,
+                         check_arithmetic=args.check_arithmetic,
                          allow_code_execution=args.allow_code_execution, pairs_per_prompt=args.pairs_per_prompt,
                          num_bundled_prompts=args.num_bundled_prompts, on_bad_rows=args.on_bad_rows)
     metrics = PairsRecipe(config).run()
@@ -54,6 +57,9 @@ def main(argv: list[str]) -> int:
              f"{metrics['pairs']} pairs from {metrics['prompts_with_pair']} prompts; no pair: {metrics['no_pair']}",
              f"pairs in {metrics['pairs_file']} (yulan-tune dpo --dataset {metrics['pairs_file']}); metrics in "
              f"{config.out}/{METRICS_FILE}"]
+    if metrics["right_answer_false_equation"]:
+        lines.insert(2, f"{metrics['right_answer_false_equation']} samples with the right answer and a false equation "
+                        "counted as wrong (--check-arithmetic)")
     if metrics["skipped_rows"]:
         lines.insert(1, f"rows skipped: {metrics['skipped_rows']}")
     summary("pairs", lines)

@@ -8,7 +8,8 @@ to this row" (trl averages the terms that apply). The total reward of a completi
 
 Verifiable rewards (1 right, 0 otherwise): `MathAnswerReward` (the `answer` column, `verifiers.math.verify_math`),
 `CodeTestsReward` (the `tests` column, `verifiers.code.run_code_tests`; runs generated code, so only built when the
-user opted in), `FormatReward` (a stated final answer). `RewardModelScore` scores with a sequence-classification
+user opted in), `FormatReward` (a stated final answer), `ArithmeticReward` (the share of the completion's written
+equations that are true, `verifiers.arithmetic`: credit for the steps, where `math` credits only the final answer). `RewardModelScore` scores with a sequence-classification
 reward model, clipped to YuLan-Mini-Instruct's PPO range (-20, 10).
 
 YuLan-Mini-Instruct's rule-based penalties (docs/yulan_reference.md section 6: "truncated/incomplete, mixed-language
@@ -29,6 +30,7 @@ from typing import Any
 
 import torch
 
+from yulan_tune.verifiers.arithmetic import check_arithmetic
 from yulan_tune.verifiers.math import extract_final_answer, verify_math
 
 # PPO reward clip of YuLan-Mini-Instruct (OpenRLHF's reward_clip_range; docs/yulan_reference.md section 6)
@@ -119,6 +121,18 @@ class FormatReward:
                  **columns: Any) -> list[float]:
         texts = [completion_text(c) for c in completions]
         return [float(bool(_FINAL_ANSWER.search(t)) and extract_final_answer(t) is not None) for t in texts]
+
+
+class ArithmeticReward:
+    """The share of the completion's equations ("12 + 7 = 19") that are true (`check_arithmetic`); None when it
+    writes none. Weighted next to `math`, it separates a right answer reached through a false step ("7 + 1 = 6. 6 + 2
+    = 8.") from one whose every step is right, which the final answer alone cannot."""
+
+    __name__ = "arithmetic"
+
+    def __call__(self, prompts: Sequence, completions: Sequence, completion_ids: Sequence | None = None,
+                 **columns: Any) -> list[float | None]:
+        return [check_arithmetic(completion_text(c)).share_true for c in completions]
 
 
 # ---------------------------------------------------------------------------------------------- rule-based penalties
@@ -257,4 +271,4 @@ class RewardModelScore:
         return self.scores(prompts, completions)
 
 
-REWARD_TERMS = ("math", "code", "format", "truncation", "mixed_language", "one_sentence")
+REWARD_TERMS = ("math", "code", "format", "arithmetic", "truncation", "mixed_language", "one_sentence")
