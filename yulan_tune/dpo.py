@@ -36,7 +36,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from yulan_tune.console import write_metrics
 from yulan_tune.conventions import IGNORE_INDEX
 from yulan_tune.data.bundled import MATH_PREFERENCES, check_bundled, is_bundled
-from yulan_tune.data.math_problems import generate_problems
+from yulan_tune.data.math_problems import MathProblem, generate_problems, solutions
 from yulan_tune.data.preferences import (
     REJECTED_SPANS,
     PreferenceExample,
@@ -337,9 +337,11 @@ class DPORecipe:
         return use_console_progress(self.trainer, TrainingProgress(self.method))
 
     # evaluation -----------------------------------------------------------------------------------------------------
+    def math_problems(self) -> list[MathProblem]:
+        return generate_problems(self.config.eval_math_problems, self.config.seed, split="test")
+
     def math_correct(self, model: PreTrainedModel) -> list[bool]:
-        problems = generate_problems(self.config.eval_math_problems, self.config.seed, split="test")
-        return math_correct(model, self.tokenizer, problems)
+        return math_correct(model, self.tokenizer, self.math_problems())
 
     def evaluate_heldout(self, model: PreTrainedModel) -> dict[str, float]:
         if self.reference_heldout is None or self.heldout is None:
@@ -377,7 +379,7 @@ class DPORecipe:
                 correct_after = self.math_correct(trainer.model)
                 metrics["math_accuracy_after"] = sum(correct_after) / len(correct_after)
                 if correct_before is not None:  # the same problems before and after: which changed, and is it noise
-                    metrics["math_paired"] = compare_paired(correct_before, correct_after).as_dict()
+                    metrics["math_paired"] = compare_paired(correct_before, correct_after, clusters=solutions(self.math_problems())).as_dict()
             write_metrics(out, metrics)
         return metrics
 

@@ -32,7 +32,7 @@ from transformers import PreTrainedModel
 from yulan_tune.console import write_metrics
 from yulan_tune.data.bundled import MATH_CHAT
 from yulan_tune.data.chat import end_of_turn_ids
-from yulan_tune.data.math_problems import generate_problems
+from yulan_tune.data.math_problems import MathProblem, generate_problems, solutions
 from yulan_tune.data.prompts import PromptExample, load_prompts
 from yulan_tune.data.records import SkipReport
 from yulan_tune.evaluation.exact_match import math_correct
@@ -218,9 +218,11 @@ class GRPORecipe:
                                         peft_config=trl.get_peft_config(c), callbacks=callbacks or None)
         return use_console_progress(self.trainer, TrainingProgress("grpo"))
 
+    def math_problems(self) -> list[MathProblem]:
+        return generate_problems(self.config.eval_math_problems, self.config.seed, split="test")
+
     def math_correct(self, model: PreTrainedModel) -> list[bool]:
-        problems = generate_problems(self.config.eval_math_problems, self.config.seed, split="test")
-        return math_correct(model, self.tokenizer, problems)
+        return math_correct(model, self.tokenizer, self.math_problems())
 
     def run(self) -> dict[str, Any]:
         c = self.config
@@ -251,7 +253,7 @@ class GRPORecipe:
                 correct_after = self.math_correct(trainer.model)
                 metrics["math_accuracy_after"] = sum(correct_after) / len(correct_after)
                 if correct_before is not None:
-                    metrics["math_paired"] = compare_paired(correct_before, correct_after).as_dict()
+                    metrics["math_paired"] = compare_paired(correct_before, correct_after, clusters=solutions(self.math_problems())).as_dict()
             write_metrics(out, metrics)
         return metrics
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from yulan_tune.data.math_problems import generate_problems
+from yulan_tune.data.math_problems import generate_problems, solutions
 from yulan_tune.dpo import DPORecipe
 from yulan_tune.dpo import parse_config as parse_dpo_config
 from yulan_tune.evaluation.exact_match import math_accuracy, math_correct
@@ -103,7 +103,8 @@ def run_instruct_quickstart(out: str | Path = "outputs/instruct_quickstart", *, 
                             compare_fixed_pairs: bool = False, sft_model: str | Path | None = None
                             ) -> InstructQuickstartResult:
     """SFT -> on-policy pairs -> DPO -> GRPO on the tiny YuLan; every model scored on the same `num_problems`
-    held-out problems (greedy, exact final answer), each step's change tested with McNemar's exact test.
+    held-out problems (greedy, exact final answer), each step's change tested with McNemar's exact test and its
+    clustered form (problems with the same worked solution form one cluster; evaluation.paired).
     `sft_model`: start from this SFT model instead of training one."""
     out = Path(out)
     problems = generate_problems(num_problems, seed=0, split="test")
@@ -161,6 +162,7 @@ def run_instruct_quickstart(out: str | Path = "outputs/instruct_quickstart", *, 
     comparisons = [("sft", "dpo_on_policy"), ("dpo_on_policy", "grpo"), ("sft", "grpo")]
     if compare_fixed_pairs:
         comparisons += [("sft", "dpo_fixed_pairs"), ("dpo_fixed_pairs", "dpo_on_policy")]
-    paired = {f"{a} -> {b}": compare_paired(correct[a], correct[b]).as_dict() for a, b in comparisons}
+    paired = {f"{a} -> {b}": compare_paired(correct[a], correct[b], clusters=solutions(problems)).as_dict()
+              for a, b in comparisons}
     exact_match = {name: sum(c) / len(c) for name, c in correct.items()}
     return InstructQuickstartResult(out, exact_match, paired, seconds, stages)

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from yulan_tune.console import quiet_logging
-from yulan_tune.data.math_problems import generate_problems, math_messages
+from yulan_tune.data.math_problems import generate_problems, math_messages, solutions
 from yulan_tune.evaluation.exact_match import math_correct
 from yulan_tune.evaluation.paired import compare_paired
 from yulan_tune.generation.backends import TransformersBackend
@@ -72,6 +72,7 @@ class RejectionSamplingResult:
     newly_right: int
     newly_wrong: int
     mcnemar_p: float
+    clustered_p: float  # McNemar's test with problems of the same worked solution as one cluster
     samples: int
     accepted: int
     rejected: int
@@ -151,10 +152,11 @@ def run_rejection_sampling(config: RejectionSamplingConfig, *, show_progress: bo
     after = math_correct(load_model(model_dir, dtype=torch.float32), load_tokenizer(model_dir), test,
                          show_progress=show_progress)
     seconds["evaluate_after"] = time.time() - started
-    paired = compare_paired(before, after)
+    paired = compare_paired(before, after, clusters=solutions(test))
     return RejectionSamplingResult(
         sft_model=sft_model, model_dir=str(model_dir), before=paired.before, after=paired.after, eval_problems=paired.n,
         newly_right=paired.newly_right, newly_wrong=paired.newly_wrong, mcnemar_p=paired.mcnemar_p,
+        clustered_p=paired.clustered_p,
         samples=sampled.samples, accepted=sampled.accepted, rejected=sampled.rejected, reasons=sampled.reasons,
         problems_with_a_verified_sample=covered, train_rows=train_rows, sft=sft_metrics,
         seconds={k: round(v, 1) for k, v in seconds.items()})

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 
 from yulan_tune.console import summary, write_metrics
+from yulan_tune.evaluation.paired import describe_change
 from yulan_tune.quickstart import run_instruct_quickstart, run_quickstart
 
 
@@ -26,8 +27,7 @@ def instruct_main(args: argparse.Namespace) -> int:
     for stage, accuracy in result.exact_match.items():
         lines.append(f"{stage}: held-out exact-match {accuracy:.3f} on {n} problems")
     for name, paired in result.paired.items():
-        lines.append(f"{name}: {paired['before']:.3f} -> {paired['after']:.3f}, newly right {paired['newly_right']}, "
-                     f"newly wrong {paired['newly_wrong']}, McNemar p={paired['mcnemar_p']:.3g}")
+        lines.append(f"{name}: {paired['before']:.3f} -> {paired['after']:.3f}, {describe_change(paired)}")
     total = sum(result.seconds.values())
     lines.append("seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in result.seconds.items()) + f"; {total:.0f} in all")
     write_metrics(out, {"exact_match": result.exact_match, "paired": result.paired, "seconds": result.seconds,
@@ -67,8 +67,7 @@ def main(argv: list[str]) -> int:
                      f"log p(rejected)) before={before['logp_accuracy']:.3f} after={after['logp_accuracy']:.3f}; "
                      f"implicit-reward accuracy after={after['reward_accuracy']:.3f} (0.5 before by construction)")
         lines.append(f"{name}: math accuracy on {paired['n']} held-out problems before={paired['before']:.3f} "
-                     f"after={paired['after']:.3f}: newly right {paired['newly_right']}, newly wrong "
-                     f"{paired['newly_wrong']}, McNemar p={paired['mcnemar_p']:.3g} ({took:.0f} s) "
+                     f"after={paired['after']:.3f}: {describe_change(paired)} ({took:.0f} s) "
                      f"model={args.out}/{name}")
     lines.append(f"accuracy before={result.accuracy_before:.3f} after={result.accuracy_after:.3f} "
                  f"model={result.model_dir}")

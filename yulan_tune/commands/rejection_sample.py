@@ -48,7 +48,8 @@ def main(argv: list[str]) -> int:
         f"{result.accepted} verified, {result.rejected} rejected; {result.train_rows} distinct verified solutions "
         f"({result.problems_with_a_verified_sample} problems) fine-tuned on",
         f"held-out exact-match on {result.eval_problems} problems before={result.before:.3f} after={result.after:.3f}: "
-        f"newly right {result.newly_right}, newly wrong {result.newly_wrong}, McNemar p={result.mcnemar_p:.3g}",
+        f"newly right {result.newly_right}, newly wrong {result.newly_wrong}, McNemar p={result.mcnemar_p:.3g}, "
+        f"clustered p={result.clustered_p:.3g}",
         f"model in {result.model_dir}, metrics in {Path(args.out) / METRICS_FILE} ({elapsed(started)})",
     ])
     return 0

@@ -6,6 +6,7 @@ import time
 from pathlib import Path
 
 from yulan_tune.console import METRICS_FILE, elapsed, summary
+from yulan_tune.evaluation.paired import describe_change
 from yulan_tune.sft import SFTRecipe, parse_config
 
 
@@ -29,8 +30,7 @@ def math_and_saved_lines(metrics: dict, config, out: Path) -> list[str]:
     if "math_paired" in metrics:
         paired = metrics["math_paired"]
         lines.append(f"held-out math exact-match {paired['before']:.3f} -> {paired['after']:.3f} on {paired['n']} "
-                     f"problems: newly right {paired['newly_right']}, newly wrong {paired['newly_wrong']}, "
-                     f"McNemar p={paired['mcnemar_p']:.3g}")
+                     f"problems: {describe_change(paired)}")
     elif "math_accuracy_after" in metrics:
         lines.append(f"held-out math exact-match {metrics['math_accuracy_after']:.3f}")
     lines.append(f"saved {'adapter' if config.use_peft else 'model'} to {out}; metrics in {out / METRICS_FILE}")

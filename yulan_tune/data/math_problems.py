@@ -93,6 +93,13 @@ def arithmetic_facts() -> list[str]:
     return [f"{a} {op} {b} = {results[op](a, b)}." for a, op, b in sorted(facts, key=lambda f: (f[1], f[0], f[2]))]
 
 
+def solutions(problems: list[MathProblem]) -> list[str]:
+    """Each problem's worked solution: the cluster key of a paired comparison (`evaluation.paired`). Problems that
+    differ only in names and items share it ("5 * 2 = 10. The answer is 10."), and a model that learns or unlearns
+    that arithmetic gains or loses them together."""
+    return [p.solution for p in problems]
+
+
 def generate_problems(n: int, seed: int = 0, split: str = "train") -> list[MathProblem]:
     """`n` distinct problems; the "test" split never repeats a question of the "train" split with the same seed."""
     if split not in _SPLIT_SEED:
