@@ -253,7 +253,8 @@ class GRPORecipe:
                 correct_after = self.math_correct(trainer.model)
                 metrics["math_accuracy_after"] = sum(correct_after) / len(correct_after)
                 if correct_before is not None:
-                    metrics["math_paired"] = compare_paired(correct_before, correct_after, clusters=solutions(self.math_problems())).as_dict()
+                    clusters = solutions(self.math_problems())  # problems with the same worked solution
+                    metrics["math_paired"] = compare_paired(correct_before, correct_after, clusters=clusters).as_dict()
             write_metrics(out, metrics)
         return metrics
 

@@ -239,7 +239,8 @@ class PairsRecipe:
                 if c.check_arithmetic and labelled.how == "math":
                     steps_true = [check_arithmetic(t).all_true for t in labelled.texts]
                     false_steps += sum(ok and not true for ok, true in zip(labelled.correct, steps_true))
-                    labelled = replace(labelled, correct=[ok and true for ok, true in zip(labelled.correct, steps_true)])
+                    strict = [ok and true for ok, true in zip(labelled.correct, steps_true)]
+                    labelled = replace(labelled, correct=strict)
                 pairs, reason = choose_pairs(labelled, c.pairs_per_prompt)
                 if reason:
                     no_pair[reason] += 1

@@ -11,7 +11,8 @@ words), and a model that unlearns one fact gets every problem that uses it wrong
 per problem, e.g. its worked solution) `compare_paired` also gives the clustered McNemar test of Durkalski et al.
 (2003, Statistics in Medicine 22:2417, "Analysis of clustered matched-pair data"): with d_k = newly right - newly
 wrong in cluster k, X^2 = (sum_k d_k)^2 / sum_k d_k^2 against chi-square with 1 degree of freedom. With one problem
-per cluster it is McNemar's chi-square (b - c)^2 / (b + c); with clustered changes it is larger p, honestly.
+per cluster it is McNemar's chi-square (b - c)^2 / (b + c); where changes come in clusters its p is larger, as
+it should be.
 """
 
 from __future__ import annotations
@@ -75,9 +76,9 @@ def compare_paired(before: Sequence[bool], after: Sequence[bool],
 
 
 def describe_change(paired: dict[str, Any]) -> str:
-    """"newly right 50, newly wrong 34, McNemar p=0.101, clustered p=0.2 (476 clusters)" from `as_dict()`."""
+    """"newly right 50, newly wrong 34, McNemar p=0.101, clustered p=0.194 over 476 clusters" from `as_dict()`."""
     text = (f"newly right {paired['newly_right']}, newly wrong {paired['newly_wrong']}, "
             f"McNemar p={paired['mcnemar_p']:.3g}")
     if paired.get("clustered_p") is not None:
-        text += f", clustered p={paired['clustered_p']:.3g} ({paired['clusters']} distinct solutions)"
+        text += f", clustered p={paired['clustered_p']:.3g} over {paired['clusters']} clusters"
     return text

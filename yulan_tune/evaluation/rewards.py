@@ -9,8 +9,9 @@ to this row" (trl averages the terms that apply). The total reward of a completi
 Verifiable rewards (1 right, 0 otherwise): `MathAnswerReward` (the `answer` column, `verifiers.math.verify_math`),
 `CodeTestsReward` (the `tests` column, `verifiers.code.run_code_tests`; runs generated code, so only built when the
 user opted in), `FormatReward` (a stated final answer), `ArithmeticReward` (the share of the completion's written
-equations that are true, `verifiers.arithmetic`: credit for the steps, where `math` credits only the final answer). `RewardModelScore` scores with a sequence-classification
-reward model, clipped to YuLan-Mini-Instruct's PPO range (-20, 10).
+equations that are true, `verifiers.arithmetic`: credit for the steps, where `math` credits only the final answer).
+`RewardModelScore` scores with a sequence-classification reward model, clipped to YuLan-Mini-Instruct's PPO range
+(-20, 10).
 
 YuLan-Mini-Instruct's rule-based penalties (docs/yulan_reference.md section 6: "truncated/incomplete, mixed-language
 and contentless one-sentence answers"; the report gives the categories, not the rules, so the rules below are ours):
