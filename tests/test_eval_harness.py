@@ -114,7 +114,7 @@ def test_math_task_data_is_the_generated_problems():
 
 def test_math_task_predictions_equal_math_accuracy(tiny_dir, tiny_tokenizer):
     """Through lm-eval (chat template, greedy, end-of-turn stop, the same answer extraction) every one of the first 40
-    held-out problems (every kind; each generated three times at batch size 1: 55 s on 2 cores) gets the same
+    held-out problems (every kind; each generated three times at batch size 1: 60 s on 2 cores) gets the same
     completion, prediction and score as `math_correct`. Batch size 1 on both sides: the same token sequences, so any
     difference is the path's, not padding's."""
     from yulan_tune.loading import load_model

@@ -47,7 +47,7 @@ def test_a_small_round_end_to_end_and_rerun_reuses_its_stages(tmp_path, tiny_dir
     from yulan_tune.paths import RECIPES_DIR
     from yulan_tune.sft import SFTRecipe, parse_config
 
-    # a model that gets a few answers right, in 25 updates of 8 packed rows (50 s on 2 cores; the quickstart's own SFT
+    # a model that gets a few answers right, in 24 updates of 8 packed rows (55 s on 2 cores; the quickstart's own SFT
     # makes 1344 updates: minutes here). 1500 conversations (51 updates) accepted as many samples (2 of 192) as 700.
     sft_dir = tmp_path / "sft"
     SFTRecipe(parse_config([

@@ -38,18 +38,20 @@ def test_dpo_family_config_runs(config, tiny_dir, tmp_path):
 
 def test_pretrain_config_runs_twice_into_two_output_directories(tmp_path, yulan_home):
     """`tokenizer: tiny` resolves to one cached tokenizer, and the packed data (data_root) is keyed by the tokenizer's
-    content, so a second run with another output_dir reuses it instead of failing. The shipped curriculum's phases are
-    cut to 8K tokens (4 steps of 8 rows): the shipped 96K-token first phase is 46 steps, 80 s per run on 2 cores."""
+    content, so a second run with another output_dir reuses it instead of failing. The shipped curriculum's phases
+    are cut to 8K tokens (3 whole steps of 8 rows): the shipped 96K-token first phase is 46 steps, 80 s per run on 2
+    cores."""
     shipped = (PRETRAIN_DIR / "curriculum" / "tiny.yaml").read_text()
     assert shipped.count("total_tokens: 96K") == 1 and shipped.count("total_tokens: 64K") == 1
     curriculum = tmp_path / "tiny_short.yaml"
     curriculum.write_text(shipped.replace("total_tokens: 96K", "total_tokens: 8K")
                           .replace("total_tokens: 64K", "total_tokens: 8K"))
     for out in ("first", "second"):
-        assert cli_main(["pretrain", "--config", str(CONFIGS / "pretrain_tiny.yaml"), "--output_dir", str(tmp_path / out),
-                         "--curriculum", str(curriculum), "--data_root", str(tmp_path / "data"),
+        assert cli_main(["pretrain", "--config", str(CONFIGS / "pretrain_tiny.yaml"),
+                         "--output_dir", str(tmp_path / out), "--curriculum", str(curriculum),
+                         "--data_root", str(tmp_path / "data"),
                          "--stop_after_phase", "code", "--per_device_train_batch_size", "8", "--warmup_steps", "1",
                          "--decay_steps", "2", "--eval_strategy", "no", "--eval_on_start", "false",
                          "--save_steps", "1000", "--report_to", "none", "--disable_tqdm", "true"]) == 0
         result = metrics(tmp_path / out)
-        assert result["phases_run"] == ["code"] and result["global_step"] == 3  # 32 rows: 4 steps less a partial one
+        assert result["phases_run"] == ["code"] and result["global_step"] == 3  # 31 rows: 3 steps of 8, 7 left over

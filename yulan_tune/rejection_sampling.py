@@ -73,6 +73,7 @@ class RejectionSamplingResult:
     newly_wrong: int
     mcnemar_p: float
     clustered_p: float  # McNemar's test with problems of the same worked solution as one cluster
+    clusters: int  # distinct worked solutions among the held-out problems
     samples: int
     accepted: int
     rejected: int
@@ -156,7 +157,7 @@ def run_rejection_sampling(config: RejectionSamplingConfig, *, show_progress: bo
     return RejectionSamplingResult(
         sft_model=sft_model, model_dir=str(model_dir), before=paired.before, after=paired.after, eval_problems=paired.n,
         newly_right=paired.newly_right, newly_wrong=paired.newly_wrong, mcnemar_p=paired.mcnemar_p,
-        clustered_p=paired.clustered_p,
+        clustered_p=paired.clustered_p, clusters=paired.clusters,
         samples=sampled.samples, accepted=sampled.accepted, rejected=sampled.rejected, reasons=sampled.reasons,
         problems_with_a_verified_sample=covered, train_rows=train_rows, sft=sft_metrics,
         seconds={k: round(v, 1) for k, v in seconds.items()})

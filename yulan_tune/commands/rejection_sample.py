@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 from yulan_tune.console import METRICS_FILE, elapsed, summary, write_metrics
+from yulan_tune.evaluation.paired import describe_change
 from yulan_tune.rejection_sampling import ROUND_SFT_CONFIG, RejectionSamplingConfig, run_rejection_sampling
 from yulan_tune.sft import parse_config as parse_sft_config
 
@@ -48,8 +49,7 @@ def main(argv: list[str]) -> int:
         f"{result.accepted} verified, {result.rejected} rejected; {result.train_rows} distinct verified solutions "
         f"({result.problems_with_a_verified_sample} problems) fine-tuned on",
         f"held-out exact-match on {result.eval_problems} problems before={result.before:.3f} after={result.after:.3f}: "
-        f"newly right {result.newly_right}, newly wrong {result.newly_wrong}, McNemar p={result.mcnemar_p:.3g}, "
-        f"clustered p={result.clustered_p:.3g}",
+        f"{describe_change(result.as_dict())}",
         f"model in {result.model_dir}, metrics in {Path(args.out) / METRICS_FILE} ({elapsed(started)})",
     ])
     return 0
