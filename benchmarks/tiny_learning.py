@@ -7,6 +7,7 @@ with other SFT settings, and score it on a validation set, one try per invocatio
     python -m benchmarks.tiny_learning loop b80 --seed 1 --eval-every 134                # the issue's plain loop
     python -m benchmarks.tiny_learning analyse s_b80                               # where the answers go wrong
     python -m benchmarks.tiny_learning --num-problems 1000 dpo outputs/quickstart/model d1 -- --learning_rate 2e-5
+    python -m benchmarks.tiny_learning --num-problems 1000 dpo --config recipes/configs/dpo_tiny_lora.yaml SFT_DIR d2
     python -m benchmarks.tiny_learning --num-problems 1000 grpo outputs/quickstart/model g1 -- --max_steps 100
 
 The validation problems are disjoint from the recipes' 1000 held-out problems and from the train split, so the

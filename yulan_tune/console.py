@@ -13,6 +13,7 @@ import logging
 import os
 import sys
 import time
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -58,6 +59,20 @@ def run_command(prog: str, main: Callable[[list[str]], int | None], argv: Sequen
         return 130
 
 
+class CurrentStderrHandler(logging.StreamHandler):
+    """Writes to `sys.stderr` as it is when a line is logged, not as it was when logging was set up: whoever captures
+    stderr for a while (pytest, a notebook, a server) and then closes its stream would otherwise leave the handler
+    writing to a closed file."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:  # StreamHandler.__init__ assigns one; the property ignores it
+        pass
+
+
 def configure_logging() -> None:
     """Our messages as plain lines at INFO; libraries at WARNING (their per-step output is not for a person)."""
     if logging.getLogger("yulan_tune").handlers:
@@ -65,12 +80,15 @@ def configure_logging() -> None:
     # bitsandbytes' CPU backend warns at import that it cannot fetch optional kernels from the hub (the `kernels`
     # package); peft imports bitsandbytes whenever it is installed, so every command would start with that line.
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    # trl's and peft's own code still reads `model.is_gradient_checkpointing`, which transformers 5 deprecates with a
+    # FutureWarning on every DPO / GRPO / LoRA run: a note to those libraries, not to our user
+    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
     # transformers draws a bar for every save and load of a checkpoint ("Writing model shards", "Loading weights"):
     # instant for one shard, and interleaved with the training bar it repeats the bar on every save
     from transformers.utils import logging as transformers_logging
 
     transformers_logging.disable_progress_bar()
-    handler = logging.StreamHandler(sys.stderr)
+    handler = CurrentStderrHandler()
     handler.setFormatter(logging.Formatter("%(message)s"))
     logger = logging.getLogger("yulan_tune")
     logger.addHandler(handler)
