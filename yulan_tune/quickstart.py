@@ -40,7 +40,7 @@ QUICKSTART_DPO_RUNS = {"dpo": QUICKSTART_DPO_CONFIG, "dpo_lora": RECIPES_DIR / "
 QUICKSTART_GRPO_CONFIG = RECIPES_DIR / "configs" / "grpo_tiny.yaml"
 # the on-policy pairs of both DPO quickstarts: 4 samples per prompt as YuLan's PPO, at its sampling temperature 1.0.
 # 4000 prompts, not 1500: from the quickstart's SFT model, 1118 pairs of 1500 prompts moved validation exact-match
-# +0.019 with one data order and -0.001 with another; 3182 pairs of 4000 prompts moved it +0.044 (docs/tiny_model.md)
+# +0.019 with one data order and -0.001 with another; 3182 pairs of 4000 prompts +0.044 and +0.036 (docs/tiny_model.md)
 ON_POLICY_PAIRS = PairsConfig(prompts="bundled:math_chat", samples=4, temperature=1.0, max_new_tokens=48,
                               num_bundled_prompts=4000, pairs_per_prompt=2, seed=0)
 
