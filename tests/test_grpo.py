@@ -12,6 +12,8 @@ import torch
 
 from yulan_tune.cli import main as cli_main
 from yulan_tune.data.chat import end_of_turn_ids
+from yulan_tune.data.math_problems import TRAIN_POOL
+from yulan_tune.data.prompts import math_prompts
 from yulan_tune.evaluation.rewards import (
     ArithmeticReward,
     CodeTestsReward,
@@ -222,3 +224,19 @@ def test_shipped_configs_parse(name: str) -> None:
     config = parse_config(["--config", str(RECIPES_DIR / "configs" / name), *cpu])
     assert config.kl_target == 0.06 and config.beta == 0.01
     assert len(config.reward_weights) == len(config.rewards) + bool(config.reward_model)
+
+
+def test_bundled_prompts_can_start_after_the_ones_an_earlier_stage_used(tiny_dir: Path, tmp_path: Path) -> None:
+    """`first_bundled_prompt` skips train problems, it does not draw other ones: rows 4000.. of the same sequence."""
+    from yulan_tune.quickstart import ON_POLICY_PAIRS
+
+    skipped = math_prompts(5, first=4000)
+    drawn = math_prompts(4005)[4000:]
+    assert [(p.prompt, p.answer, p.line) for p in skipped] == [(p.prompt, p.answer, p.line) for p in drawn]
+    assert skipped[0].line == 4000
+    recipe = GRPORecipe(_config(tiny_dir, tmp_path, first_bundled_prompt=4000, num_bundled_prompts=5))
+    assert recipe.prepare_data()["prompt"] == [p.prompt for p in skipped]
+    # the shipped tiny config's prompts are new to the model the instruct quickstart's DPO made, and exist
+    shipped = parse_config(["--config", str(RECIPES_DIR / "configs" / "grpo_tiny.yaml")])
+    assert shipped.first_bundled_prompt >= ON_POLICY_PAIRS.num_bundled_prompts
+    assert shipped.first_bundled_prompt + shipped.num_bundled_prompts <= TRAIN_POOL

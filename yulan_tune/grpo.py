@@ -73,6 +73,9 @@ class GRPOConfig(trl.GRPOConfig, PostTrainingModelConfig):
         "help": f"prompts (prompt/messages/question + answer and/or tests) or '{MATH_CHAT}' (bundled problems)"})
     dataset_split: str = field(default="train", metadata={"help": "split to read from dataset dirs / hub datasets"})
     num_bundled_prompts: int = field(default=1000, metadata={"help": f"prompts generated for {MATH_CHAT}"})
+    first_bundled_prompt: int = field(default=0, metadata={
+        "help": f"index of the first {MATH_CHAT} train problem used, so RL can draw prompts an earlier stage did not "
+                "see (the instruct quickstart's pairs use the first 4000)"})
     rewards: list[str] = field(default_factory=lambda: ["math", "format", "truncation", "one_sentence",
                                                         "mixed_language"], metadata={
         "help": f"reward terms, any of {list(REWARD_TERMS)}; weights in reward_weights (same order; reward_model "
@@ -187,7 +190,8 @@ class GRPORecipe:
     def prepare_data(self) -> Dataset:
         c = self.config
         self.prompts, self.report = load_prompts(c.dataset, on_bad_rows=c.on_bad_rows, split=c.dataset_split,
-                                                 columns=c.columns, num_bundled=c.num_bundled_prompts, seed=c.seed)
+                                                 columns=c.columns, num_bundled=c.num_bundled_prompts, seed=c.seed,
+                                                 first_bundled=c.first_bundled_prompt)
         if not self.prompts:
             raise ValueError(f"{c.dataset}: no usable prompts. {self.report.summary()}")
         if "math" in c.rewards and not any(p.answer for p in self.prompts):

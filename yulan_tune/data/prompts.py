@@ -70,17 +70,19 @@ def parse_prompt_record(record: Record) -> PromptExample:
                          record.line, record.unit)
 
 
-def math_prompts(n: int, seed: int = 0, split: str = "train") -> list[PromptExample]:
-    """The bundled math problems as prompts with their integer answers."""
-    return [PromptExample(math_messages(p), str(p.answer), None, MATH_CHAT, i, "row")
-            for i, p in enumerate(generate_problems(n, seed, split))]
+def math_prompts(n: int, seed: int = 0, split: str = "train", first: int = 0) -> list[PromptExample]:
+    """`n` bundled math problems from the `first`-th on (the problem sequence of `seed` and `split` does not depend on
+    how many are drawn) as prompts with their integer answers; each row is numbered by its place in that sequence."""
+    return [PromptExample(math_messages(p), str(p.answer), None, MATH_CHAT, first + i, "row")
+            for i, p in enumerate(generate_problems(first + n, seed, split)[first:])]
 
 
 def load_prompts(source: str | os.PathLike | Sequence[str | os.PathLike], *, on_bad_rows: str = "raise",
                  split: str = "train", columns: Mapping[str, str] | None = None, num_bundled: int = 1000,
-                 seed: int = 0) -> tuple[list[PromptExample], SkipReport]:
-    """Every prompt row of `source` validated under the bad-row policy, or `num_bundled` bundled math problems."""
+                 seed: int = 0, first_bundled: int = 0) -> tuple[list[PromptExample], SkipReport]:
+    """Every prompt row of `source` validated under the bad-row policy, or `num_bundled` bundled math problems from
+    the `first_bundled`-th train problem on."""
     if isinstance(source, str) and is_bundled(source):
         check_bundled(source, (MATH_CHAT,), "prompts")
-        return math_prompts(num_bundled, seed), SkipReport()
+        return math_prompts(num_bundled, seed, first=first_bundled), SkipReport()
     return load_examples(source, parse_prompt_record, on_bad_rows=on_bad_rows, split=split, columns=columns)
