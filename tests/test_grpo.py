@@ -216,6 +216,8 @@ def test_config_errors(tiny_dir: Path, tmp_path: Path) -> None:
         _config(tiny_dir, tmp_path, reward_weights=[1.0])
     with pytest.raises(ValueError, match="initial beta"):
         _config(tiny_dir, tmp_path, kl_target=0.06, beta=0.0)
+    with pytest.raises(ValueError, match="train problems 0..29999"):
+        _config(tiny_dir, tmp_path, first_bundled_prompt=29990, num_bundled_prompts=16)
 
 
 @pytest.mark.parametrize("name", ["grpo_tiny.yaml", "grpo_yulan_mini_instruct_80gb.yaml"])

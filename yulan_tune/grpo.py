@@ -32,7 +32,7 @@ from transformers import PreTrainedModel
 from yulan_tune.console import write_metrics
 from yulan_tune.data.bundled import MATH_CHAT
 from yulan_tune.data.chat import end_of_turn_ids
-from yulan_tune.data.math_problems import MathProblem, generate_problems, solutions
+from yulan_tune.data.math_problems import TRAIN_POOL, MathProblem, generate_problems, solutions
 from yulan_tune.data.prompts import PromptExample, load_prompts
 from yulan_tune.data.records import SkipReport
 from yulan_tune.evaluation.exact_match import math_correct
@@ -75,7 +75,7 @@ class GRPOConfig(trl.GRPOConfig, PostTrainingModelConfig):
     num_bundled_prompts: int = field(default=1000, metadata={"help": f"prompts generated for {MATH_CHAT}"})
     first_bundled_prompt: int = field(default=0, metadata={
         "help": f"index of the first {MATH_CHAT} train problem used, so RL can draw prompts an earlier stage did not "
-                "see (the instruct quickstart's pairs use the first 4000)"})
+                "see (grpo_tiny.yaml starts after the on-policy pairs' prompts)"})
     rewards: list[str] = field(default_factory=lambda: ["math", "format", "truncation", "one_sentence",
                                                         "mixed_language"], metadata={
         "help": f"reward terms, any of {list(REWARD_TERMS)}; weights in reward_weights (same order; reward_model "
@@ -113,6 +113,9 @@ class GRPOConfig(trl.GRPOConfig, PostTrainingModelConfig):
             raise ValueError("rewards: 'code' runs generated programs; pass allow_code_execution: true to opt in")
         if not self.rewards and not self.reward_model:
             raise ValueError("no reward: set rewards and/or reward_model")
+        if self.dataset == MATH_CHAT and not 0 <= self.first_bundled_prompt <= TRAIN_POOL - self.num_bundled_prompts:
+            raise ValueError(f"first_bundled_prompt {self.first_bundled_prompt} + num_bundled_prompts "
+                             f"{self.num_bundled_prompts}: {MATH_CHAT} holds train problems 0..{TRAIN_POOL - 1}")
         if len(self.reward_clip) != 2 or self.reward_clip[0] >= self.reward_clip[1]:
             raise ValueError(f"reward_clip must be [low, high] with low < high, got {self.reward_clip}")
         if self.kl_target is not None and (self.kl_target <= 0 or self.beta <= 0):

@@ -165,9 +165,7 @@ def run_instruct_quickstart(out: str | Path = "outputs/instruct_quickstart", *, 
     started = time.time()
     config = parse_grpo_config(["--config", str(QUICKSTART_GRPO_CONFIG), "--model_name_or_path",
                                 str(out / "dpo_on_policy"), "--output_dir", str(out / "grpo"),
-                                "--eval_math_problems", "0",
-                                # prompts the pairs did not use
-                                "--first_bundled_prompt", str(ON_POLICY_PAIRS.num_bundled_prompts)])
+                                "--eval_math_problems", "0"])
     grpo_recipe = GRPORecipe(config)
     stages["grpo"] = grpo_recipe.run()
     correct["grpo"] = math_correct(grpo_recipe.trainer.model, grpo_recipe.tokenizer, problems, show_progress=True)
