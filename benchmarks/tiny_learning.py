@@ -9,6 +9,7 @@ with other SFT settings, and score it on a validation set, one try per invocatio
     python -m benchmarks.tiny_learning --num-problems 1000 dpo outputs/quickstart/model d1 -- --learning_rate 2e-5
     python -m benchmarks.tiny_learning --num-problems 1000 dpo --config recipes/configs/dpo_tiny_lora.yaml SFT_DIR d2
     python -m benchmarks.tiny_learning --num-problems 1000 grpo outputs/quickstart/model g1 -- --max_steps 100
+    python -m benchmarks.tiny_learning sampling outputs/quickstart/dpo             # sampled vs greedy answers
 
 The validation problems are disjoint from the recipes' 1000 held-out problems and from the train split, so the
 held-out numbers the README reports are not tuned on. `docs/tiny_model.md` has the table of tries and what each gave.
@@ -160,6 +161,51 @@ def plain_loop(args: argparse.Namespace) -> None:
                           "seconds": round(seconds, 1)})
 
 
+def sampling(args: argparse.Namespace) -> None:
+    """How far a model's sampled answers are from its greedy ones (docs/rl.md, "Why the temperature"): `--samples`
+    answers at each temperature for `--prompts` train problems from `--first` on, against the greedy answer."""
+    import torch
+
+    from yulan_tune.data.chat import end_of_turn_ids
+    from yulan_tune.data.math_problems import extract_answer, generate_problems, math_messages
+    from yulan_tune.evaluation.exact_match import math_correct
+    from yulan_tune.loading import load_model, load_tokenizer
+    from yulan_tune.verifiers.arithmetic import check_arithmetic
+
+    model, tokenizer = load_model(args.model), load_tokenizer(args.model)
+    problems = generate_problems(args.first + args.prompts, 0, "train")[args.first:]
+    greedy = math_correct(model, tokenizer, problems)
+    tokenizer.padding_side = "left"
+    k = args.samples
+    for temperature in args.temperatures:
+        torch.manual_seed(0)
+        groups = []  # per problem: (right, share of its equations that are true) for each sample
+        for start in range(0, len(problems), 25):
+            batch = problems[start:start + 25]
+            texts = [tokenizer.apply_chat_template(math_messages(p), tokenize=False, add_generation_prompt=True)
+                     for p in batch]
+            encoded = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+            with torch.no_grad():
+                out = model.generate(**encoded, do_sample=True, temperature=temperature, top_p=1.0, top_k=0,
+                                     max_new_tokens=48, num_return_sequences=k,
+                                     eos_token_id=end_of_turn_ids(tokenizer), pad_token_id=tokenizer.pad_token_id)
+            answers = tokenizer.batch_decode(out[:, encoded["input_ids"].shape[1]:], skip_special_tokens=True)
+            for j, problem in enumerate(batch):
+                groups.append([(extract_answer(a) == problem.answer, check_arithmetic(a).share_true)
+                               for a in answers[j * k:(j + 1) * k]])
+        right = [share for group in groups for ok, share in group if ok]
+        wrong_greedily = [g for g, ok in zip(groups, greedy) if not ok]
+        right_greedily = [g for g, ok in zip(groups, greedy) if ok]
+        print(json.dumps({
+            "temperature": temperature, "greedy": round(sum(greedy) / len(greedy), 3),
+            "sampled_right": round(len(right) / (k * len(groups)), 3),
+            "right_with_a_false_equation": round(sum(s is not None and s < 1 for s in right) / max(1, len(right)), 3),
+            "greedy_wrong_with_a_right_sample": round(
+                sum(any(ok for ok, _ in g) for g in wrong_greedily) / max(1, len(wrong_greedily)), 3),
+            "greedy_right_with_a_right_majority": round(
+                sum(2 * sum(ok for ok, _ in g) > k for g in right_greedily) / max(1, len(right_greedily)), 3)}))
+
+
 def analyse(args: argparse.Namespace) -> None:
     """Operands copied from the question? Arithmetic right once the operands are? Accuracy per kind of problem."""
     from yulan_tune.data.math_problems import extract_answer, math_messages
@@ -227,13 +273,19 @@ def main(argv: list[str] | None = None) -> int:
     loop.add_argument("--lr", type=float, default=1e-3)
     loop.add_argument("--constant-lr", action="store_true", help="no decay (default: linear to 0)")
     loop.add_argument("--eval-every", type=int, default=0, help="score the validation problems every N updates")
+    samples = commands.add_parser("sampling", help="a model's sampled answers against its greedy ones")
+    samples.add_argument("model")
+    samples.add_argument("--temperatures", type=float, nargs="+", default=[1.0, 0.6])
+    samples.add_argument("--prompts", type=int, default=200)
+    samples.add_argument("--first", type=int, default=9000, help="index of the first train problem")
+    samples.add_argument("--samples", type=int, default=8)
     analysis = commands.add_parser("analyse", help="where a fine-tuned model's answers go wrong")
     analysis.add_argument("name")
     args = parser.parse_args(argv)
     args.workdir.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("YULAN_TUNE_HOME", str(args.workdir / "home"))
     {"base": build_base, "sft": fine_tune, "dpo": preference_tune, "grpo": preference_tune, "loop": plain_loop,
-     "analyse": analyse}[args.command](args)
+     "analyse": analyse, "sampling": sampling}[args.command](args)
     return 0
 
 
