@@ -163,36 +163,25 @@ def plain_loop(args: argparse.Namespace) -> None:
 
 def sampling(args: argparse.Namespace) -> None:
     """How far a model's sampled answers are from its greedy ones (docs/rl.md, "Why the temperature"): `--samples`
-    answers at each temperature for `--prompts` train problems from `--first` on, against the greedy answer."""
-    import torch
-
-    from yulan_tune.data.chat import end_of_turn_ids
+    answers at each temperature for `--prompts` train problems from `--first` on, against the greedy answer. Samples
+    come from the generation backend `yulan-tune pairs` uses (each sample's seed depends on its prompt only)."""
     from yulan_tune.data.math_problems import extract_answer, generate_problems, math_messages
     from yulan_tune.evaluation.exact_match import math_correct
+    from yulan_tune.generation import SamplingSettings, TransformersBackend
     from yulan_tune.loading import load_model, load_tokenizer
     from yulan_tune.verifiers.arithmetic import check_arithmetic
 
     model, tokenizer = load_model(args.model), load_tokenizer(args.model)
     problems = generate_problems(args.first + args.prompts, 0, "train")[args.first:]
     greedy = math_correct(model, tokenizer, problems)
-    tokenizer.padding_side = "left"
+    backend = TransformersBackend.from_model(model, tokenizer, batch_size=64)
     k = args.samples
     for temperature in args.temperatures:
-        torch.manual_seed(0)
-        groups = []  # per problem: (right, share of its equations that are true) for each sample
-        for start in range(0, len(problems), 25):
-            batch = problems[start:start + 25]
-            texts = [tokenizer.apply_chat_template(math_messages(p), tokenize=False, add_generation_prompt=True)
-                     for p in batch]
-            encoded = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-            with torch.no_grad():
-                out = model.generate(**encoded, do_sample=True, temperature=temperature, top_p=1.0, top_k=0,
-                                     max_new_tokens=48, num_return_sequences=k,
-                                     eos_token_id=end_of_turn_ids(tokenizer), pad_token_id=tokenizer.pad_token_id)
-            answers = tokenizer.batch_decode(out[:, encoded["input_ids"].shape[1]:], skip_special_tokens=True)
-            for j, problem in enumerate(batch):
-                groups.append([(extract_answer(a) == problem.answer, check_arithmetic(a).share_true)
-                               for a in answers[j * k:(j + 1) * k]])
+        settings = SamplingSettings(n=k, temperature=temperature, max_new_tokens=48)
+        answers = backend.generate([math_messages(p) for p in problems], settings)
+        # per problem: (right, share of its equations that are true) for each sample
+        groups = [[(extract_answer(a) == p.answer, check_arithmetic(a).share_true) for a in group]
+                  for p, group in zip(problems, answers)]
         right = [share for group in groups for ok, share in group if ok]
         wrong_greedily = [g for g, ok in zip(groups, greedy) if not ok]
         right_greedily = [g for g, ok in zip(groups, greedy) if ok]
