@@ -9,6 +9,7 @@ with other SFT settings, and score it on a validation set, one try per invocatio
     python -m benchmarks.tiny_learning --num-problems 1000 dpo outputs/quickstart/model d1 -- --learning_rate 2e-5
     python -m benchmarks.tiny_learning --num-problems 1000 dpo --config recipes/configs/dpo_tiny_lora.yaml SFT_DIR d2
     python -m benchmarks.tiny_learning --num-problems 1000 grpo outputs/quickstart/model g1 -- --max_steps 100
+    python -m benchmarks.tiny_learning --num-problems 1000 grpo MODEL g2 -- --save_strategy steps --save_steps 60
     python -m benchmarks.tiny_learning sampling outputs/quickstart/dpo             # sampled vs greedy answers
 
 The validation problems are disjoint from the recipes' 1000 held-out problems and from the train split, so the
@@ -105,9 +106,16 @@ def preference_tune(args: argparse.Namespace) -> None:
     metrics = recipe.run()
     seconds = time.perf_counter() - started
     after = math_correct(recipe.trainer.model, recipe.tokenizer, problems)
+    # With `--save_strategy steps` the run's checkpoints are scored too: how the gain grows with the steps, read off
+    # one run instead of one run per length.
+    checkpoints = sorted(Path(config.output_dir).glob("checkpoint-*"), key=lambda path: int(path.name.split("-")[1]))
+    trajectory = [{"step": int(path.name.split("-")[1]),
+                   **compare_paired(before, math_correct(load_model(path), recipe.tokenizer, problems),
+                                    clusters=solutions(problems)).as_dict()} for path in checkpoints]
     record(args.workdir, {"kind": args.command, "name": args.name, "sft": args.sft, "config": args.config,
                           "overrides": args.overrides, "validation_problems": args.num_problems,
                           "paired": compare_paired(before, after, clusters=solutions(problems)).as_dict(),
+                          "checkpoints": trajectory,
                           "seconds": round(seconds, 1),
                           "preference_heldout": metrics.get("heldout_after"), "final_beta": metrics.get("final_beta"),
                           "rewards_logged": [round(log["reward"], 3) for log in recipe.trainer.state.log_history
@@ -271,6 +279,9 @@ def main(argv: list[str] | None = None) -> int:
     analysis = commands.add_parser("analyse", help="where a fine-tuned model's answers go wrong")
     analysis.add_argument("name")
     args = parser.parse_args(argv)
+    from yulan_tune.console import configure_logging
+
+    configure_logging()  # the CLI's console: library warnings meant for library authors off, our lines on
     args.workdir.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("YULAN_TUNE_HOME", str(args.workdir / "home"))
     {"base": build_base, "sft": fine_tune, "dpo": preference_tune, "grpo": preference_tune, "loop": plain_loop,
