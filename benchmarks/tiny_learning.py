@@ -96,6 +96,7 @@ def preference_tune(args: argparse.Namespace) -> None:
     from yulan_tune.evaluation.exact_match import math_correct
     from yulan_tune.evaluation.paired import compare_paired
     from yulan_tune.loading import load_model, load_tokenizer
+    from yulan_tune.training.checkpoints import checkpoint_step, list_checkpoints
 
     problems = validation_problems(args.num_problems)
     before = math_correct(load_model(args.sft), load_tokenizer(args.sft), problems)
@@ -108,10 +109,10 @@ def preference_tune(args: argparse.Namespace) -> None:
     after = math_correct(recipe.trainer.model, recipe.tokenizer, problems)
     # With `--save_strategy steps` the run's checkpoints are scored too: how the gain grows with the steps, read off
     # one run instead of one run per length.
-    checkpoints = sorted(Path(config.output_dir).glob("checkpoint-*"), key=lambda path: int(path.name.split("-")[1]))
-    trajectory = [{"step": int(path.name.split("-")[1]),
+    complete, _ = list_checkpoints(config.output_dir)
+    trajectory = [{"step": checkpoint_step(path),
                    **compare_paired(before, math_correct(load_model(path), recipe.tokenizer, problems),
-                                    clusters=solutions(problems)).as_dict()} for path in checkpoints]
+                                    clusters=solutions(problems)).as_dict()} for path in complete]
     record(args.workdir, {"kind": args.command, "name": args.name, "sft": args.sft, "config": args.config,
                           "overrides": args.overrides, "validation_problems": args.num_problems,
                           "paired": compare_paired(before, after, clusters=solutions(problems)).as_dict(),

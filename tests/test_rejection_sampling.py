@@ -48,7 +48,7 @@ def test_a_small_round_end_to_end_and_rerun_reuses_its_stages(tmp_path, tiny_dir
     from yulan_tune.sft import SFTRecipe, parse_config
 
     # A model that gets some of the round's problems right: SFT on exactly those 48 train problems for 10 epochs
-    # (~30 s on 2 cores), which it half memorizes; 6 of its 192 samples were verified. Learning the task in general
+    # (~30 s on 2 cores); 6 of its 192 samples, on 6 problems, were verified. Learning the task in general
     # takes minutes here (the quickstart's SFT): 700 other conversations in 55 s gave 2 of 192.
     sft_dir = tmp_path / "sft"
     SFTRecipe(parse_config([
