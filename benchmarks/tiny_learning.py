@@ -109,9 +109,12 @@ def preference_tune(args: argparse.Namespace) -> None:
     after = math_correct(recipe.trainer.model, recipe.tokenizer, problems)
     # With `--save_strategy steps` the run's checkpoints are scored too: how the gain grows with the steps, read off
     # one run instead of one run per length.
+    # A checkpoint of the final step holds the weights just scored as `after`: reuse that score.
     complete, _ = list_checkpoints(config.output_dir)
+    final_step = recipe.trainer.state.global_step
     trajectory = [{"step": checkpoint_step(path),
-                   **compare_paired(before, math_correct(load_model(path), recipe.tokenizer, problems),
+                   **compare_paired(before, after if checkpoint_step(path) == final_step
+                                    else math_correct(load_model(path), recipe.tokenizer, problems),
                                     clusters=solutions(problems)).as_dict()} for path in complete]
     record(args.workdir, {"kind": args.command, "name": args.name, "sft": args.sft, "config": args.config,
                           "overrides": args.overrides, "validation_problems": args.num_problems,
