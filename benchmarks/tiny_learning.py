@@ -112,13 +112,15 @@ def preference_tune(args: argparse.Namespace) -> None:
     # A checkpoint of the final step holds the weights just scored as `after`: reuse that score.
     complete, _ = list_checkpoints(config.output_dir)
     final_step = recipe.trainer.state.global_step
-    trajectory = [{"step": checkpoint_step(path),
-                   **compare_paired(before, after if checkpoint_step(path) == final_step
-                                    else math_correct(load_model(path), recipe.tokenizer, problems),
-                                    clusters=solutions(problems)).as_dict()} for path in complete]
+    clusters = solutions(problems)
+    trajectory = []
+    for path in complete:
+        step = checkpoint_step(path)
+        scored = after if step == final_step else math_correct(load_model(path), recipe.tokenizer, problems)
+        trajectory.append({"step": step, **compare_paired(before, scored, clusters=clusters).as_dict()})
     record(args.workdir, {"kind": args.command, "name": args.name, "sft": args.sft, "config": args.config,
                           "overrides": args.overrides, "validation_problems": args.num_problems,
-                          "paired": compare_paired(before, after, clusters=solutions(problems)).as_dict(),
+                          "paired": compare_paired(before, after, clusters=clusters).as_dict(),
                           "checkpoints": trajectory,
                           "seconds": round(seconds, 1),
                           "preference_heldout": metrics.get("heldout_after"), "final_beta": metrics.get("final_beta"),

@@ -21,6 +21,7 @@ from yulan_tune.evaluation.exact_match import generate_answers, math_correct
 from yulan_tune.evaluation.harness import (
     MATH_TASK,
     SUITE,
+    defined_in,
     evaluate_model,
     leaf_tasks,
     read_run,
@@ -249,6 +250,33 @@ def test_suite_group_resolves_offline_to_the_report_benchmarks():
     assert all(name in manager.all_tasks for name in leaves)
 
 
+def test_our_and_included_tasks_resolve_without_indexing_lm_evals_own(tmp_path):
+    """`task_manager(for_tasks=...)` indexes only our and the included directories when every name is defined there;
+    the full index (lm-eval's own tasks, shared with the suite test above) otherwise, and resolves the same tasks."""
+    full = task_manager()
+    local = task_manager(for_tasks=[MATH_TASK])
+    assert local is not full and "gsm8k" not in local.task_index and "gsm8k" in full.task_index
+    assert leaf_tasks(local, MATH_TASK) == leaf_tasks(full, MATH_TASK) == [MATH_TASK]
+    assert local.task_index[MATH_TASK].yaml_path == full.task_index[MATH_TASK].yaml_path
+    for names in (["gsm8k"], [MATH_TASK, "gsm8k"], [SUITE], ["gsm8kk"]):
+        assert task_manager(for_tasks=names) is full, names
+
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    task = "task: {name}\ndataset_path: json\noutput_type: generate_until\ndoc_to_text: q\ndoc_to_target: a\n"
+    (tasks / "a.yaml").write_text(task.format(name="mine_a") + "tag: mine_tag\n")
+    (tasks / "b.yaml").write_text(task.format(name="mine_b"))
+    (tasks / "group.yaml").write_text("group: mine_group\ntask:\n  - mine_a\n  - task: mine_b\n")
+    (tasks / "mixed.yaml").write_text("group: mine_mixed\ntask:\n  - mine_a\n  - gsm8k\n")
+    (tasks / "nested.yaml").write_text("group: mine_nested\ntask:\n  - mine_group\n  - mine_tag\n")
+    included = task_manager(tasks, for_tasks=["mine_a", "mine_group", MATH_TASK])
+    assert "gsm8k" not in included.task_index
+    assert leaf_tasks(included, "mine_group") == ["mine_a", "mine_b"]
+    # a group with one of lm-eval's tasks, a tag (it gathers tasks from every directory), a group holding a tag
+    assert [defined_in(included, name) for name in ("mine_mixed", "mine_tag", "mine_nested", "nope")] == \
+           [False, False, False, False]
+
+
 def test_user_errors_are_one_line(tiny_dir, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
@@ -293,8 +321,8 @@ def test_eval_during_training_leaves_the_losses_bitwise_equal(tiny_dir, tmp_path
         recipe = SFTRecipe(parse_config(
             ["--config", str(Path(__file__).resolve().parent.parent / "recipes" / "configs" / "tiny_lora.yaml"),
              "--model_name_or_path", str(tiny_dir), "--output_dir", str(out), "--num_bundled_examples", "200",
-             "--max_steps", "4", "--logging_steps", "1", "--disable_tqdm", "true", "--report_to", "none",
-             "--seed", "3", *extra]))
+             "--max_steps", "4", "--per_device_train_batch_size", "2", "--logging_steps", "1", "--disable_tqdm",
+             "true", "--report_to", "none", "--seed", "3", *extra]))
         recipe.run()
         return recipe
 
