@@ -7,10 +7,15 @@ UV := $(VENV)/bin/uv
 # torch pinned and installed by pip: on CPU machines torch==2.13.0 is a local CPU wheel that pip's find-links see
 # (uv does not look there; an open range pulls a multi-GB CUDA build). The rest is installed by uv, which resolves
 # the same versions as pip in ~20 s instead of ~3 min; the pin is passed again so that a dependency asking for
-# another torch fails the resolve instead of downloading one.
+# another torch fails the resolve instead of downloading one. Neither compiles bytecode at install (uv's default;
+# pip's --no-compile: 11 s instead of 34 s for torch): Python compiles what is imported, once, on first import.
+# That needs PYTHONDONTWRITEBYTECODE unset in the commands below (some machines set it): with it, every process the
+# tests start (DDP workers, the command line, a killed-and-resumed run) compiled transformers, trl and lm-eval from
+# source again, ~15 s each on 2 cores.
 TORCH_PIN ?= torch==2.13.0
 UV_PIN := uv==0.13.9
 export TOKENIZERS_PARALLELISM := false
+unexport PYTHONDONTWRITEBYTECODE
 
 .PHONY: quickstart test test-slow install install-test install-serve browser dpo-quickstart instruct-quickstart bench gpu-check \
 	clean deepspeed-fixtures
@@ -18,7 +23,7 @@ export TOKENIZERS_PARALLELISM := false
 $(VENV)/.installed: pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip $(UV_PIN)
-	$(PIP) install -q $(TORCH_PIN)
+	$(PIP) install -q --no-compile $(TORCH_PIN)
 	$(UV) pip install -q --python $(PY) $(TORCH_PIN) -e .
 	touch $@
 
@@ -46,11 +51,8 @@ dpo-quickstart: install
 instruct-quickstart: install
 	$(VENV)/bin/yulan-tune quickstart --instruct --compare-fixed-pairs
 
-# PYTHONDONTWRITEBYTECODE is dropped for the tests: uv installs without bytecode, so with it set every process the
-# suite starts (DDP workers, the command line, a killed-and-resumed run) compiled transformers, trl and lm-eval from
-# source again, ~15 s each on 2 cores. Without it the first import writes the bytecode into .venv for the others.
 test: install-test
-	env -u PYTHONDONTWRITEBYTECODE $(PY) -m pytest -q
+	$(PY) -m pytest -q
 
 # llama.cpp itself (llama-cpp-python, compiled from its sdist: cmake and g++ from Debian, ~5 min on 2 cores, so not
 # part of `make test`'s 10 minutes) loads the exported GGUF: tokens, logits and greedy generations against transformers.
