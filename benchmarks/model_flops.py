@@ -52,13 +52,19 @@ def reference_training_flops(shape: Shape, sequence_lengths: Sequence[int], refe
 def gqa_exact_training_flops(shape: Shape, sequence_lengths: Sequence[int], reference_forwards: int = 0) -> float:
     """The same accounting with the real projection sizes (q, o: h x heads*d; k, v: h x kv_heads*d) and without
     the recomputation term: 3 x forward matmul FLOPs + LM head, non-causal attention (the reference's convention)."""
-    l, h, f, v = shape.layers, shape.hidden, shape.intermediate, shape.vocab
-    q, kv = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
+    attention = 4 * shape.layers * shape.heads * shape.head_dim
     total = 0.0
     for s in sequence_lengths:
-        forward = 2 * s * l * h * (2 * q + 2 * kv) + 6 * s * l * h * f + 4 * s**2 * l * q + 2 * s * h * v
-        total += (3 + reference_forwards) * forward
+        total += (3 + reference_forwards) * (projection_flops(shape, s) + attention * s**2)
     return total
+
+
+def projection_flops(shape: Shape, tokens: int) -> float:
+    """Forward matmul FLOPs of `tokens` tokens through every projection (q and o of heads x head_dim, k and v of
+    kv_heads x head_dim, the SwiGLU MLP) and the LM head: a forward pass without its attention scores."""
+    l, h, f, v = shape.layers, shape.hidden, shape.intermediate, shape.vocab
+    q, kv = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
+    return tokens * (2 * l * h * (2 * q + 2 * kv) + 6 * l * h * f + 2 * h * v)
 
 
 # Dense bf16 tensor-core peak FLOP/s (vendor datasheets), by a substring of torch.cuda.get_device_name().

@@ -275,6 +275,11 @@ def test_our_and_included_tasks_resolve_without_indexing_lm_evals_own(tmp_path):
     # a group with one of lm-eval's tasks, a tag (it gathers tasks from every directory), a group holding a tag
     assert [defined_in(included, name) for name in ("mine_mixed", "mine_tag", "mine_nested", "nope")] == \
            [False, False, False, False]
+    # a long-lived process indexing many include paths keeps the full index (15 s to rebuild)
+    for i in range(9):
+        (tmp_path / f"more{i}").mkdir()
+        task_manager(tmp_path / f"more{i}", for_tasks=[MATH_TASK])
+    assert task_manager() is full
 
 
 def test_user_errors_are_one_line(tiny_dir, tmp_path, capsys, monkeypatch):

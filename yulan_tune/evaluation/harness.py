@@ -110,10 +110,20 @@ def vllm_lm(model_path: str | os.PathLike, *, tokenizer_path: str | os.PathLike 
 # ------------------------------------------------------------------------------------------------ tasks
 
 
-@functools.lru_cache(maxsize=4)
-def _task_manager(include_paths: tuple[str, ...], with_lm_eval_tasks: bool) -> TaskManager:
+def _build_index(include_paths: tuple[str, ...], with_lm_eval_tasks: bool) -> TaskManager:
     with quiet_lm_eval():
         return TaskManager(include_path=[str(TASKS_DIR), *include_paths], include_defaults=with_lm_eval_tasks)
+
+
+# Two caches, so that the cheap local indexes (~5 ms) of a long-lived process never evict a full one (~15 s).
+@functools.lru_cache(maxsize=8)
+def _local_index(include_paths: tuple[str, ...]) -> TaskManager:
+    return _build_index(include_paths, with_lm_eval_tasks=False)
+
+
+@functools.lru_cache(maxsize=4)
+def _full_index(include_paths: tuple[str, ...]) -> TaskManager:
+    return _build_index(include_paths, with_lm_eval_tasks=True)
 
 
 def task_manager(include_path: Sequence[str | os.PathLike] | str | os.PathLike | None = None, *,
@@ -132,10 +142,10 @@ def task_manager(include_path: Sequence[str | os.PathLike] | str | os.PathLike |
             raise FileNotFoundError(f"--include-path {path}: no such directory (a directory of lm-eval task YAML files)")
     key = tuple(str(Path(p).resolve()) for p in paths)
     if for_tasks:
-        local = _task_manager(key, with_lm_eval_tasks=False)
+        local = _local_index(key)
         if all(defined_in(local, name) for name in for_tasks):
             return local
-    return _task_manager(key, with_lm_eval_tasks=True)
+    return _full_index(key)
 
 
 def defined_in(manager: TaskManager, name: str) -> bool:
