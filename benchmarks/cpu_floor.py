@@ -67,13 +67,17 @@ class Stage:
         return projection_flops(shape, self.tokens) * self.passes
 
 
-def pair_stages(name: str, pairs: Sequence[PreferenceExample], tokenizer, *, lora: bool) -> list[Stage]:
-    """DPO: the policy's update over chosen and rejected sequences, the frozen reference's forward over both; a
-    rejected sequence is counted as its prompt alone (the span trained of it may be one token)."""
+def pair_tokens(pairs: Sequence[PreferenceExample], tokenizer) -> int:
+    """Tokens of a DPO pass over `pairs`: each chosen sequence whole, each rejected one as its prompt alone (the span
+    trained of it may be one token)."""
     chosen = sum(len(tokenize_conversation(tokenizer, p.prompt + p.chosen).input_ids) for p in pairs)
-    rejected = sum(len(generation_prompt_ids(tokenizer, p.prompt)) for p in pairs)
-    update = LORA_UPDATE if lora else FULL_UPDATE
-    return [Stage(f"{name}: update", chosen + rejected, update), Stage(f"{name}: reference", chosen + rejected, FORWARD)]
+    return chosen + sum(len(generation_prompt_ids(tokenizer, p.prompt)) for p in pairs)
+
+
+def pair_stages(name: str, tokens: int, *, lora: bool) -> list[Stage]:
+    """DPO: the policy's update over chosen and rejected sequences, the frozen reference's forward over both."""
+    return [Stage(f"{name}: update", tokens, LORA_UPDATE if lora else FULL_UPDATE),
+            Stage(f"{name}: reference", tokens, FORWARD)]
 
 
 def quickstart_stages(tokenizer, pairs_file: str | None) -> dict[str, list[Stage]]:
@@ -97,12 +101,12 @@ def quickstart_stages(tokenizer, pairs_file: str | None) -> dict[str, list[Stage
                            seed=ON_POLICY_PAIRS.seed)
     sampling = [Stage("sample on-policy pairs", ON_POLICY_PAIRS.samples * sum(prompt_tokens([p.prompt for p in pool])),
                       FORWARD)]
-    on_policy = load_preference_examples(pairs_file)[0] if pairs_file else []
-    dpo = pair_stages("DPO on-policy", on_policy, tokenizer, lora=False)
-    lora_dpo = pair_stages("LoRA DPO on-policy", on_policy, tokenizer, lora=True)
+    on_policy = pair_tokens(load_preference_examples(pairs_file)[0] if pairs_file else [], tokenizer)
+    dpo = pair_stages("DPO on-policy", on_policy, lora=False)
+    lora_dpo = pair_stages("LoRA DPO on-policy", on_policy, lora=True)
     dpo_config = read_yaml(RECIPE_CONFIGS / "dpo_tiny.yaml")
-    fixed = pair_stages("DPO fixed pairs", math_preference_pairs(dpo_config["num_bundled_pairs"]), tokenizer,
-                        lora=False)
+    fixed = pair_stages("DPO fixed pairs", pair_tokens(math_preference_pairs(dpo_config["num_bundled_pairs"]),
+                                                       tokenizer), lora=False)
 
     grpo_config = read_yaml(RECIPE_CONFIGS / "grpo_tiny.yaml")
     grpo_prompts, _ = load_prompts(grpo_config["dataset"], num_bundled=grpo_config["num_bundled_prompts"],
